@@ -1,0 +1,1 @@
+"""Paper-default recipes, ``<method>-<dataset>.yaml``; installed as ``contrastive.recipes``."""

@@ -1,0 +1,342 @@
+"""The typed run configuration: defaults here, then a YAML recipe, then ``key=value`` overrides.
+
+Every field carries a ``help`` string that says why its default is what it is. Unknown keys are an error
+that names them. The method section is open: ``method.name`` picks a registered method, and the other
+keys of that section are checked against that method's own config dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from contrastive.errors import ConfigError
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    name: str = _f("digits", "Dataset to pretrain on: digits, fashion-mnist, mnist, cifar10, cifar100, stl10, "
+                   "or a path to an image folder (class sub-folders optional; unlabeled data is fine).")
+    data_dir: str | None = _f(None, "Where a named dataset's files live (or are downloaded to); None uses the "
+                              "dataset's usual place (see the dataset's docs).")
+    train_data: str | None = _f(None, "Labelled data for the evaluation's training side (kNN bank, probe "
+                                "training); None uses the pretraining dataset's own train split.")
+    test_data: str | None = _f(None, "Labelled data to evaluate on; None uses the dataset's test split, a "
+                               "folder's test/ or val/ sub-folder, or a seeded held-out fraction.")
+    holdout: float = _f(0.1, "Fraction of a single labelled folder held out for evaluation when it has no "
+                        "test/ or val/ sub-folder; the report says so.")
+    split_seed: int = _f(0, "Seed of the held-out split (and of digits' 80/20 split), fixed apart from "
+                         "the training seed so every run evaluates on the same images.")
+    image_size: int | None = _f(None, "Side the loader decodes every image to (square); None keeps the "
+                                "dataset's native size (digits: upsampled 8 -> 32 so crops have room).")
+    in_memory: bool = _f(True, "Decode the whole dataset once into a uint8 tensor (CIFAR-10: 150 MB) "
+                         "instead of decoding every epoch; turn off for datasets larger than memory.")
+    skip_corrupt: bool = _f(False, "Skip unreadable images and count them in the log, rather than stop "
+                            "with an error naming the file.")
+    download: bool = _f(True, "Download a named dataset through torchvision when it is not found locally.")
+    num_workers: int = _f(2, "DataLoader worker processes; the loader only decodes, augmentation runs "
+                          "batched on the training device.")
+
+
+@dataclass
+class ViewConfig:
+    backend: str = _f("tensor", "tensor: batched augmentation of uint8 batches on the training device "
+                      "(measured faster, see benchmarks/views_speed.py); pil: per-image torchvision "
+                      "transforms in the loader workers.")
+    n_views: int = _f(2, "Views per image; SimCLR contrasts 2 (Chen et al. 2020, Sec. 2.1).")
+    size: int | None = _f(None, "Output side of each view; None uses the decoded image size.")
+    crop_scale: list = _f([0.08, 1.0], "Random resized crop area range; (0.08, 1) is Inception-style "
+                          "cropping as SimCLR uses (Appendix A).")
+    crop_ratio: list = _f([0.75, 1.3333333333333333], "Aspect-ratio range of the crop (3/4, 4/3).")
+    hflip_p: float = _f(0.5, "Horizontal flip probability (SimCLR Appendix A).")
+    jitter_p: float = _f(0.8, "Colour jitter probability; 0.8 in SimCLR Appendix A.")
+    jitter_strength: float = _f(1.0, "Colour distortion strength s: brightness, contrast, saturation "
+                                "0.8s and hue 0.2s (SimCLR Appendix A; s=0.5 for CIFAR-10, B.9).")
+    grayscale_p: float = _f(0.2, "Random grayscale probability; 0.2 in SimCLR Appendix A.")
+    blur_p: float = _f(0.0, "Gaussian blur probability; SimCLR uses 0.5 on ImageNet and none on CIFAR-10.")
+    blur_sigma: list = _f([0.1, 2.0], "Blur sigma range in pixels of a 224 image, scaled by size/224; "
+                          "(0.1, 2.0) in SimCLR Appendix A.")
+    blur_kernel_frac: float = _f(0.1, "Blur kernel side as a fraction of the image side (10%, SimCLR A).")
+    solarize_p: float = _f(0.0, "Solarize probability (BYOL uses it; SimCLR does not).")
+
+
+@dataclass
+class BackboneConfig:
+    name: str = _f("small_cnn", "Backbone: resnet18, resnet34, resnet50, or small_cnn (fast on a CPU).")
+    cifar_stem: bool | None = _f(None, "ResNet stem of a 3x3 stride-1 conv without max-pool, as SimCLR "
+                                 "uses for CIFAR (B.9); None turns it on for images of 64 px or less.")
+
+
+@dataclass
+class OptimConfig:
+    name: str = _f("lars", "sgd, adamw or lars; SimCLR trains with LARS (You et al. 2017) for large batches.")
+    lr: float = _f(1.0, "Base learning rate before scaling by batch size (see lr_scaling).")
+    lr_scaling: str = _f("linear", "linear: lr * batch/256 (SimCLR B.1); sqrt: lr * sqrt(batch) "
+                         "(SimCLR v2); none: lr as given.")
+    momentum: float = _f(0.9, "SGD / LARS momentum.")
+    betas: list = _f([0.9, 0.999], "AdamW betas.")
+    weight_decay: float = _f(1e-4, "Weight decay on weights only, never on biases or norm layers "
+                             "(SimCLR excludes them from LARS adaptation and decay).")
+    lars_eta: float = _f(0.001, "LARS trust coefficient (You et al. 2017).")
+    warmup_epochs: float = _f(10.0, "Linear warm-up length in epochs before the cosine decay (SimCLR B.1).")
+    min_lr_ratio: float = _f(0.0, "Final learning rate as a fraction of the peak; SimCLR decays to 0.")
+    grad_clip: float | None = _f(None, "Clip the global gradient norm to this value; None: no clipping.")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(100, "Pretraining epochs.")
+    batch_size: int = _f(256, "Images per optimiser step over all processes.")
+    precision: str = _f("auto", "fp32, bf16 or fp16 autocast; auto: bf16 on a GPU that has it, fp32 on CPU.")
+    device: str = _f("auto", "auto (cuda when available), cpu, or cuda[:N].")
+    output: str = _f("runs/latest", "Folder for checkpoints, metrics.csv, config.yaml and results.json.")
+    checkpoint_every: int = _f(10, "Write a checkpoint every N epochs (and always at the end).")
+    resume: str | None = _f(None, "Checkpoint to resume from; the run continues exactly where it stopped.")
+    log_every: int = _f(10, "Write a metrics.csv row every N optimiser steps.")
+    progress: bool = _f(True, "Show a progress bar with loss, learning rate and images/s.")
+    tensorboard: str = _f("auto", "auto: write TensorBoard logs when tensorboard is installed; on; off.")
+    max_steps: int | None = _f(None, "Stop after this many optimiser steps (the schedule still spans "
+                               "all epochs); for fixed-budget benchmarks.")
+    time_budget_s: float | None = _f(None, "Stop after this many seconds of training (the schedule "
+                                     "spans all epochs); for fixed-budget benchmarks. Not resumable exactly.")
+    channels_last: bool = _f(True, "Use channels-last memory format for convolutions (faster on CPU and GPU).")
+    compile: bool = _f(False, "torch.compile the method; pays off on long GPU runs.")
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = _f(True, "Run kNN and linear-probe evaluation at the end of pretraining.")
+    knn: bool = _f(True, "Weighted kNN (Wu et al. 2018): cosine similarity, k neighbours, temperature.")
+    knn_k: int = _f(200, "Neighbours in the weighted kNN; 200 in InstDisc (Wu et al. 2018, Sec. 3.4).")
+    knn_temperature: float = _f(0.07, "Weight exp(sim / T); T=0.07 as in InstDisc.")
+    linear: bool = _f(True, "Linear probe on frozen, once-extracted features.")
+    linear_epochs: int = _f(100, "Epochs of the linear probe over cached features.")
+    linear_lr: float = _f(0.01, "AdamW learning rate of the linear probe over standardised features.")
+    linear_weight_decay: float = _f(1e-4, "Weight decay of the linear probe.")
+    linear_batch_size: int = _f(512, "Mini-batch size of the linear probe.")
+    raw_pixel_baseline: bool = _f(True, "Also run the kNN on raw pixels, the baseline features must beat.")
+    batch_size: int = _f(512, "Batch size of feature extraction.")
+
+
+@dataclass
+class Config:
+    seed: int = _f(0, "Seed of weights, data order and augmentations; a run is a function of it.")
+    method: dict = _f({"name": "simclr"}, "Method section: name plus that method's own fields.")
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# building, merging, validating
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check (and gently convert, int -> float) a value against a field's annotation."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp in (list, tuple) or origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ConfigError(f"{where}: expected a list such as [0.08, 1.0], got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return value
+
+
+def build_dataclass(cls: type, values: dict, where: str) -> Any:
+    """Instantiate ``cls`` from a nested dict, naming any unknown key with the valid ones."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys{' of ' + where if where else ''}: "
+            f"{', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        key = f"{where}.{name}" if where else name
+        if _is_dataclass_type(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+            kwargs[name] = build_dataclass(tp, value, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``optim.lr=0.3`` -> (["optim", "lr"], 0.3); the value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (for example optim.lr=0.3)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot read the value as YAML ({e})") from None
+    return key.split("."), value
+
+
+def _set_path(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
+    node[path[-1]] = value
+
+
+def recipe_dir() -> Path:
+    return Path(str(resources.files("contrastive.recipes")))
+
+
+def find_recipe(method: str, dataset: str) -> Path | None:
+    """The paper-default recipe for a method on a dataset: ``<method>-<dataset>.yaml``, else ``<method>.yaml``."""
+    d = recipe_dir()
+    for name in (f"{method}-{dataset}.yaml", f"{method}.yaml"):
+        if (d / name).is_file():
+            return d / name
+    return None
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; give a path to a YAML recipe (see configs/)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def resolve_config(
+    *, recipe: str | Path | None = None, tree: dict | None = None, overrides: list[str] = ()
+) -> Config:
+    """Defaults <- recipe <- ``tree`` (e.g. from CLI flags) <- ``key=value`` overrides, validated.
+
+    When ``recipe`` is None, the method and dataset named in ``tree``/``overrides`` pick the paper
+    recipe ``configs/<method>-<dataset>.yaml`` if there is one.
+    """
+    merged: dict = {}
+    parsed = [parse_override(o) for o in overrides]
+    layer: dict = _deep_merge({}, tree or {})
+    for path, value in parsed:
+        _set_path(layer, path, value)
+    if recipe is None:
+        method = (layer.get("method") or {}).get("name", "simclr")
+        dataset = str((layer.get("data") or {}).get("name", "digits"))
+        found = find_recipe(method, dataset)
+        if found is not None:
+            merged = read_yaml(found)
+    else:
+        merged = read_yaml(recipe)
+    merged = _deep_merge(merged, layer)
+    cfg = build_dataclass(Config, merged, "")
+    validate_method_section(cfg)
+    return cfg
+
+
+def validate_method_section(cfg: Config) -> None:
+    """Check ``method`` against the registered method's config dataclass (imports the methods)."""
+    from contrastive import methods  # noqa: F401  (fills the registry)
+    from contrastive.registry import lookup
+
+    section = dict(cfg.method)
+    name = section.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError("method.name is missing; pick a method, for example method.name=simclr")
+    entry = lookup("methods", name)
+    build_dataclass(entry.config_class, section, "method")
+
+
+def method_config(cfg: Config) -> Any:
+    """The method's own typed config, built from the ``method`` section."""
+    from contrastive.registry import lookup
+
+    section = dict(cfg.method)
+    entry = lookup("methods", section.pop("name"))
+    return build_dataclass(entry.config_class, section, "method")
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
