@@ -316,6 +316,16 @@ def resolve_config(
     return cfg
 
 
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A new Config: ``cfg`` with ``key=value`` overrides applied and validated."""
+    tree = to_dict(cfg)
+    for path, value in (parse_override(o) for o in overrides):
+        _set_path(tree, path, value)
+    out = build_dataclass(Config, tree, "")
+    validate_method_section(out)
+    return out
+
+
 def validate_method_section(cfg: Config) -> None:
     """Check ``method`` against the registered method's config dataclass (imports the methods)."""
     from contrastive import methods  # noqa: F401  (fills the registry)

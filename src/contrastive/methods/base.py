@@ -25,7 +25,7 @@ class StepInfo:
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # scalar, what backward() is called on
-    metrics: dict[str, float] = field(default_factory=dict)  # detached numbers for the log
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars; read only when logged
 
 
 @dataclass(frozen=True)

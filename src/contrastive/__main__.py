@@ -1,0 +1,5 @@
+import sys
+
+from contrastive.cli import main
+
+sys.exit(main())

@@ -1,0 +1,220 @@
+"""The Python API: what the ``contrastive`` command does, callable without it.
+
+    from contrastive import api
+    cfg = api.resolve_config(overrides=["data.name=digits", "train.epochs=10"])
+    results = api.pretrain(cfg)            # trains, evaluates, writes results.json
+    encoder, info = api.load_encoder("runs/latest/checkpoint.pt")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from contrastive import distributed
+from contrastive.config import (
+    Config,
+    DataConfig,
+    apply_overrides,
+    build_dataclass,
+    dump_config,
+    method_config,
+    resolve_config,
+)
+from contrastive.data import load_splits
+from contrastive.data.preprocess import Preprocess
+from contrastive.errors import CheckpointError, DataError
+from contrastive.evaluation import extract_features, knn_top1, linear_probe, raw_pixel_features, save_embeddings
+from contrastive.nn.backbones import build_backbone
+from contrastive.registry import lookup
+from contrastive.training.checkpoint import atomic_save, load_checkpoint
+from contrastive.training.trainer import Trainer, resolve_device
+
+log = logging.getLogger("contrastive")
+
+__all__ = ["Preprocess", "build_method", "embed", "evaluate", "evaluate_encoder", "load_encoder", "pretrain",
+           "resolve_config"]
+
+
+def build_method(cfg: Config, channels: int, image_size: int) -> tuple[nn.Module, int]:
+    """The method module (backbone inside, as ``.backbone``) and the backbone's feature dimension."""
+    backbone, feature_dim = build_backbone(cfg.backbone, in_channels=channels, image_size=image_size)
+    spec = lookup("methods", cfg.method["name"])
+    return spec.build(backbone, feature_dim, method_config(cfg)), feature_dim
+
+
+def pretrain(cfg: Config) -> dict[str, Any]:
+    """Pretrain ``cfg.method`` on ``cfg.data``, then (unless ``eval.enabled`` is off) evaluate the frozen
+    backbone with the weighted kNN and the linear probe beside the raw-pixel kNN baseline.
+
+    Writes into ``train.output``: config.yaml, checkpoint.pt, encoder.pt (backbone weights and their
+    preprocessing), metrics.csv, results.json. Returns what results.json holds.
+    """
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.train.output)
+    splits = load_splits(cfg.data)
+    train_set = splits.pretrain
+    if cfg.eval.enabled and splits.eval_test is None:
+        raise DataError(f"{cfg.data.name} has no labels to evaluate with ({splits.note}); pass "
+                        f"--train-data and --test-data with labelled folders, or --no-eval")
+    size = cfg.views.size or train_set.image_size
+    method, feature_dim = build_method(cfg, train_set.channels, size)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+    log.info("pretraining %s (%s backbone, %d features) on %s: %d images, %s", cfg.method["name"],
+             cfg.backbone.name, feature_dim, cfg.data.name, len(train_set), splits.note)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, method, train_set, out)
+    fit = trainer.fit()
+    preprocess = Preprocess.for_dataset(train_set, size)
+    results: dict[str, Any] = {
+        "method": cfg.method["name"],
+        "backbone": cfg.backbone.name,
+        "dataset": cfg.data.name,
+        "pretrain_images": len(train_set),
+        "epochs": fit.epochs_done,
+        "steps": fit.steps_done,
+        "stopped_early": fit.stopped_early,
+        "train_seconds": round(time.perf_counter() - t0, 2),
+        "images_per_s": round(fit.images_per_s, 2),
+        "peak_memory_mb": round(fit.peak_memory_mb, 1),
+        "checkpoint": str(fit.checkpoint),
+    }
+    if distributed.is_main():
+        atomic_save({"backbone": cfg.backbone.name, "config": asdict(cfg.backbone), "feature_dim": feature_dim,
+                     "preprocess": asdict(preprocess), "state_dict": method.backbone.state_dict()},
+                    out / "encoder.pt")
+        results["encoder"] = str(out / "encoder.pt")
+    if cfg.eval.enabled and distributed.is_main():
+        results.update(evaluate_encoder(method.backbone, preprocess, splits.eval_train, splits.eval_test, cfg,
+                                        note=splits.note))
+    if distributed.is_main():
+        write_results(results, out)
+    return results
+
+
+def evaluate_encoder(encoder: nn.Module, preprocess: Preprocess, train_set, test_set, cfg: Config,
+                     *, note: str, protocols: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """kNN and/or linear probe of a frozen encoder, plus the raw-pixel kNN baseline, as one dict."""
+    e = cfg.eval
+    if protocols is None:
+        protocols = tuple(p for p, on in (("knn", e.knn), ("linear", e.linear)) if on)
+    for name, ds in (("training", train_set), ("test", test_set)):
+        if ds is None or not bool((ds.labels >= 0).all()):
+            raise DataError(f"evaluation needs labelled {name} data ({note}); pass --train-data/--test-data "
+                            f"with class sub-folders")
+    device = resolve_device(cfg.train.device)
+    num_classes = train_set.num_classes
+    t0 = time.perf_counter()
+    feats = {}
+    for split, ds in (("train", train_set), ("test", test_set)):
+        feats[split] = extract_features(encoder.to(device), ds, preprocess=preprocess, batch_size=e.batch_size,
+                                        device=device)
+    res: dict[str, Any] = {
+        "evaluation": {"split": note, "train_images": len(train_set), "test_images": len(test_set),
+                       "knn": {"k": e.knn_k, "temperature": e.knn_temperature, "similarity": "cosine"},
+                       "linear": {"epochs": e.linear_epochs, "lr": e.linear_lr, "optimizer": "adamw",
+                                  "features": "frozen, standardised"}},
+        "feature_seconds": round(time.perf_counter() - t0, 2),
+    }
+    (xtr, ytr), (xte, yte) = feats["train"], feats["test"]
+    if "knn" in protocols:
+        res["knn_top1"] = knn_top1(xtr, ytr, xte, yte, num_classes=num_classes, k=e.knn_k,
+                                   temperature=e.knn_temperature)
+    if "linear" in protocols:
+        probe = linear_probe(xtr, ytr, xte, yte, num_classes=num_classes, epochs=e.linear_epochs, lr=e.linear_lr,
+                             weight_decay=e.linear_weight_decay, batch_size=e.linear_batch_size, seed=cfg.seed,
+                             device=device)
+        res["linear_top1"] = probe["top1"]
+        res["linear_train_top1"] = probe["train_top1"]
+    if e.raw_pixel_baseline and "knn" in protocols:
+        (ptr, _), (pte, _) = raw_pixel_features(train_set), raw_pixel_features(test_set)
+        res["raw_pixel_knn_top1"] = knn_top1(ptr, ytr, pte, yte, num_classes=num_classes, k=e.knn_k,
+                                             temperature=e.knn_temperature)
+    return res
+
+
+def load_encoder(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the frozen backbone from a checkpoint.pt or encoder.pt; returns (module, info) where info
+    holds ``feature_dim``, ``preprocess`` (a Preprocess) and the run's ``config`` when known."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoint.pt or encoder.pt a run wrote")
+    raw = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(raw, dict) and "state_dict" in raw and "preprocess" in raw:  # encoder.pt
+        from contrastive.config import BackboneConfig
+
+        bcfg = build_dataclass(BackboneConfig, raw["config"], "backbone")
+        pre = Preprocess.from_dict(raw["preprocess"])
+        module, dim = build_backbone(bcfg, in_channels=pre.channels, image_size=pre.size)
+        module.load_state_dict(raw["state_dict"])
+        return module.eval(), {"feature_dim": dim, "preprocess": pre, "config": None}
+    ckpt = load_checkpoint(path)
+    cfg = build_dataclass(Config, ckpt["config"], "")
+    pre = Preprocess.from_dict(ckpt["preprocess"])
+    method, dim = build_method(cfg, pre.channels, pre.size)
+    method.load_state_dict(ckpt["method"])
+    return method.backbone.eval(), {"feature_dim": dim, "preprocess": pre, "config": cfg}
+
+
+def evaluate(checkpoint: str | Path, data: DataConfig, *, protocols: tuple[str, ...], overrides: list[str] = (),
+             output: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate any checkpoint on any labelled dataset; writes results.json and config.yaml to ``output``.
+
+    The evaluation settings are the checkpoint's run config (defaults for an encoder.pt) with ``overrides``.
+    """
+    encoder, info = load_encoder(checkpoint)
+    cfg = apply_overrides(info["config"] or Config(), list(overrides))
+    cfg.data = data
+    splits = load_splits(data)
+    res = {"checkpoint": str(checkpoint), "dataset": data.name,
+           **evaluate_encoder(encoder, info["preprocess"], splits.eval_train, splits.eval_test, cfg,
+                              note=splits.note, protocols=protocols)}
+    if output is not None:
+        Path(output).mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, Path(output) / "config.yaml")
+        write_results(res, output)
+    return res
+
+
+def embed(checkpoint: str | Path, data: DataConfig, output: str | Path, *, split: str = "all",
+          batch_size: int = 512, device: str = "auto") -> dict[str, Any]:
+    """Write the frozen backbone's features of a dataset to ``output`` (.npy, labels beside when known)."""
+    encoder, info = load_encoder(checkpoint)
+    splits = load_splits(data)
+    parts = {"pretrain": [splits.pretrain], "test": [splits.eval_test],
+             "all": [splits.pretrain] + ([splits.eval_test] if splits.eval_test is not None and
+                                         splits.eval_test is not splits.pretrain else [])}
+    if split not in parts:
+        raise DataError(f"--split {split!r} is not one of {', '.join(parts)}")
+    sets = [s for s in parts[split] if s is not None]
+    if not sets:
+        raise DataError(f"{data.name} has no {split} split ({splits.note})")
+    dev = resolve_device(device)
+    xs, ys = zip(*(extract_features(encoder.to(dev), s, preprocess=info["preprocess"], batch_size=batch_size,
+                                    device=dev) for s in sets))
+    feats, labels = torch.cat(xs), torch.cat(ys)
+    paths = save_embeddings(feats, labels, output)
+    return {"features": [str(p) for p in paths], "images": int(feats.shape[0]), "dim": int(feats.shape[1]),
+            "split": split, "note": splits.note}
+
+
+def write_results(results: dict, folder: str | Path) -> Path:
+    """results.json, written atomically."""
+    path = Path(folder) / "results.json"
+    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path

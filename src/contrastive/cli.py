@@ -1,0 +1,167 @@
+"""The ``contrastive`` command: pretrain, eval (knn | linear), embed.
+
+Flags cover the common settings; any config field can be set with trailing ``key=value`` overrides
+(``optim.lr=0.3 views.jitter_strength=0.5``). ``contrastive pretrain --print-config`` shows every field with
+why its default is what it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from pathlib import Path
+
+from contrastive import api
+from contrastive.config import Config, DataConfig, build_dataclass, method_config, resolve_config, to_dict
+from contrastive.errors import ContrastiveError
+
+
+def _data_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--data", required=required, help="dataset name (digits, fashion-mnist, mnist, cifar10, "
+                   "cifar100, stl10) or image-folder path" + ("" if required else "; default digits"))
+    p.add_argument("--data-dir", help="folder holding a named dataset's files (or to download them into)")
+    p.add_argument("--train-data", help="labelled data for the evaluation's training side")
+    p.add_argument("--test-data", help="labelled data to evaluate on")
+    p.add_argument("--holdout", type=float, help="fraction of a single labelled folder held out for evaluation")
+    p.add_argument("--image-size", type=int, help="side every image is decoded to")
+
+
+def _data_tree(a: argparse.Namespace) -> dict:
+    pairs = {"name": a.data, "data_dir": a.data_dir, "train_data": a.train_data, "test_data": a.test_data,
+             "holdout": a.holdout, "image_size": a.image_size}
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="contrastive", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain a method, then evaluate it (kNN, linear probe, raw-pixel kNN)")
+    p.add_argument("--method", help="method name (simclr, simclr-v2); default simclr")
+    _data_flags(p, required=False)
+    p.add_argument("--config", help="YAML recipe; default configs/<method>-<dataset>.yaml when it exists")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--backbone", help="resnet18, resnet34, resnet50, small_cnn")
+    p.add_argument("--output", help="run folder (default runs/latest)")
+    p.add_argument("--device", help="auto, cpu, cuda")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", help="checkpoint to continue from")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after pretraining")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config with help and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.3")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint's frozen backbone on a labelled dataset")
+    e.add_argument("protocol", choices=["knn", "linear"])
+    e.add_argument("--checkpoint", required=True, help="checkpoint.pt or encoder.pt")
+    _data_flags(e, required=True)
+    e.add_argument("--output", help="folder for results.json (default: <checkpoint folder>/eval-<protocol>)")
+    e.add_argument("--device", help="auto, cpu, cuda")
+    e.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of eval.* fields, e.g. eval.knn_k=20")
+
+    m = sub.add_parser("embed", help="write a checkpoint's features of a dataset to a .npy file")
+    m.add_argument("--checkpoint", required=True)
+    _data_flags(m, required=True)
+    m.add_argument("--output", required=True, help="features file, ending in .npy (labels go beside it)")
+    m.add_argument("--split", default="all", choices=["all", "pretrain", "test"])
+    m.add_argument("--device", default="auto")
+    return top
+
+
+def _pretrain(a: argparse.Namespace) -> int:
+    tree: dict = {"data": _data_tree(a)}
+    if a.method:
+        tree["method"] = {"name": a.method}
+    train = {"epochs": a.epochs, "batch_size": a.batch_size, "output": a.output, "device": a.device,
+             "resume": a.resume}
+    tree["train"] = {k: v for k, v in train.items() if v is not None}
+    if a.backbone:
+        tree["backbone"] = {"name": a.backbone}
+    if a.seed is not None:
+        tree["seed"] = a.seed
+    if a.no_eval:
+        tree["eval"] = {"enabled": False}
+    cfg = resolve_config(recipe=a.config, tree=tree, overrides=a.overrides)
+    if a.print_config:
+        _print_config(cfg)
+        return 0
+    res = api.pretrain(cfg)
+    _report(res, Path(cfg.train.output))
+    return 0
+
+
+def _eval(a: argparse.Namespace) -> int:
+    data = build_dataclass(DataConfig, _data_tree(a), "data")
+    out = Path(a.output) if a.output else Path(a.checkpoint).parent / f"eval-{a.protocol}"
+    overrides = list(a.overrides) + ([f"train.device={a.device}"] if a.device else [])
+    res = api.evaluate(a.checkpoint, data, protocols=(a.protocol,), overrides=overrides, output=out)
+    _report(res, out)
+    return 0
+
+
+def _embed(a: argparse.Namespace) -> int:
+    data = build_dataclass(DataConfig, _data_tree(a), "data")
+    res = api.embed(a.checkpoint, data, a.output, split=a.split, device=a.device)
+    print(f"wrote {res['images']} x {res['dim']} features of {a.data} ({res['split']}): {', '.join(res['features'])}")
+    return 0
+
+
+def _report(res: dict, folder: Path) -> None:
+    lines = []
+    for key, label in (("knn_top1", "kNN top-1"), ("linear_top1", "linear top-1"),
+                       ("raw_pixel_knn_top1", "raw-pixel kNN top-1 (baseline)")):
+        if key in res:
+            lines.append(f"  {label:<32} {res[key]:.4f}")
+    if "evaluation" in res:
+        ev = res["evaluation"]
+        lines.insert(0, f"evaluated on {ev['test_images']} images ({ev['split']}):")
+    if "images_per_s" in res:
+        lines.append(f"  {'training images/s':<32} {res['images_per_s']:.1f}")
+    lines.append(f"results: {folder / 'results.json'}")
+    print("\n".join(lines))
+
+
+def _print_config(cfg: Config) -> None:
+    def walk(obj, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+            else:
+                print(f"{key} = {to_dict(value)!r}\n    {f.metadata.get('help', '')}")
+
+    walk(cfg, "")
+    mcfg = method_config(cfg)
+    hints = typing.get_type_hints(type(mcfg))
+    for f in dataclasses.fields(mcfg):
+        print(f"method.{f.name} = {getattr(mcfg, f.name)!r}  ({hints[f.name]})\n    {f.metadata.get('help', '')}")
+
+
+def error_message(e: BaseException) -> str:
+    """The message of a ContrastiveError, without the worker traceback a DataLoader wraps around it."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return {"pretrain": _pretrain, "eval": _eval, "embed": _embed}[a.command](a)
+    except ContrastiveError as e:
+        print(f"contrastive: error: {error_message(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

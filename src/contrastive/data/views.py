@@ -1,0 +1,232 @@
+"""The SimCLR view recipe (Chen et al. 2020, Appendix A), in two interchangeable backends.
+
+"Random crop with resize and flip, colour distortion (jitter with probability 0.8, grayscale with
+probability 0.2), Gaussian blur": per view, in this order, then per-channel normalisation.
+
+- ``TensorViews`` ("tensor"): batched ops on uint8 batches on the training device, every random
+  parameter drawn per sample from a caller's ``torch.Generator``, so a seed fixes the views bit for bit.
+- ``PILViews`` ("pil"): the same recipe as per-image torchvision transforms, for DataLoader workers;
+  its randomness is torch's global generator (seeded per worker by the DataLoader).
+
+``make_views`` validates a ``ViewConfig`` and builds the backend it names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from contrastive.config import ViewConfig
+from contrastive.data import augment
+from contrastive.errors import ConfigError
+
+BACKENDS = ("tensor", "pil")
+
+# Columns of the uniform draws [B, _DRAWS] that TensorViews takes per view, in one generator call so
+# that every view consumes the same amount of randomness whatever the outcomes.
+_TRIES = 10  # RandomResizedCrop's tries before the centre-crop fallback
+_AREA = slice(0, _TRIES)
+_LOG_RATIO = slice(_TRIES, 2 * _TRIES)
+_TOP, _LEFT, _FLIP, _JITTER = 2 * _TRIES, 2 * _TRIES + 1, 2 * _TRIES + 2, 2 * _TRIES + 3
+_FACTORS = slice(2 * _TRIES + 4, 2 * _TRIES + 8)
+_ORDER = slice(2 * _TRIES + 8, 2 * _TRIES + 12)
+_GREY, _BLUR, _SIGMA, _SOLARIZE = 2 * _TRIES + 12, 2 * _TRIES + 13, 2 * _TRIES + 14, 2 * _TRIES + 15
+_DRAWS = 2 * _TRIES + 16
+
+
+def _check_range(cfg: ViewConfig, name: str, low: float, high: float, *, open_low: bool = False) -> tuple[float, float]:
+    value = getattr(cfg, name)
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+    if ok:
+        lo, hi = float(value[0]), float(value[1])
+        ok = (lo > low if open_low else lo >= low) and lo <= hi <= high
+    if not ok:
+        bounds = f"{'(' if open_low else '['}{low}, {high}]"
+        raise ConfigError(f"views.{name}: expected [low, high] with low <= high, both in {bounds}; got {value!r}")
+    return lo, hi
+
+
+def check_view_config(cfg: ViewConfig) -> None:
+    """Raise a ConfigError naming the first ``views.*`` field that is out of range."""
+    if cfg.backend not in BACKENDS:
+        raise ConfigError(f"views.backend: unknown backend {cfg.backend!r}; valid values: {', '.join(BACKENDS)}")
+    if not isinstance(cfg.n_views, int) or cfg.n_views < 1:
+        raise ConfigError(f"views.n_views: expected an integer >= 1, got {cfg.n_views!r}")
+    if cfg.size is not None and cfg.size < 1:
+        raise ConfigError(f"views.size: expected a side >= 1 or null, got {cfg.size!r}")
+    _check_range(cfg, "crop_scale", 0.0, 1.0, open_low=True)
+    _check_range(cfg, "crop_ratio", 0.0, float("inf"), open_low=True)
+    _check_range(cfg, "blur_sigma", 0.0, float("inf"), open_low=True)
+    for name in ("hflip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+        p = getattr(cfg, name)
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"views.{name}: a probability must lie in [0, 1], got {p!r}")
+    # Hue jitter is 0.2 s and torchvision's hue shift must stay within half a turn.
+    if not 0.0 <= cfg.jitter_strength <= 2.5:
+        raise ConfigError(f"views.jitter_strength: expected s in [0, 2.5] (hue 0.2 s <= 0.5), "
+                          f"got {cfg.jitter_strength!r}")
+    if not 0.0 <= cfg.blur_kernel_frac <= 1.0:
+        raise ConfigError(f"views.blur_kernel_frac: expected a fraction in [0, 1], got {cfg.blur_kernel_frac!r}")
+
+
+def blur_kernel_size(frac: float, size: int) -> int:
+    """Odd kernel side ``frac * size`` rounded down then up to odd (SimCLR: 23 for 224 px)."""
+    k = int(frac * size)
+    return k if k % 2 == 1 else k + 1
+
+
+def _check_stats(mean: Sequence[float], std: Sequence[float], channels: int) -> None:
+    if channels not in (1, 3):
+        raise ValueError(f"views need 1 or 3 channels, got {channels}")
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean and std need one value per channel ({channels}), got {list(mean)} and {list(std)}")
+
+
+def _normalise(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """[B, C, H, W] in [0, 1] -> (x - mean) / std per channel, in place."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+class TensorViews:
+    """Batched SimCLR views of uint8 batches, on the batch's device, with per-sample parameters.
+
+    ``views = TensorViews(cfg, mean, std, channels=3, in_size=32)(images, generator)``: images uint8
+    [B, C, H, W], generator on the images' device; returns ``cfg.n_views`` float32 tensors
+    [B, C, S, S], S = ``cfg.size`` or ``in_size``, normalised by mean/std.
+    """
+
+    def __init__(self, cfg: ViewConfig, mean: Sequence[float], std: Sequence[float], channels: int, in_size: int):
+        check_view_config(cfg)
+        _check_stats(mean, std, channels)
+        self.cfg = cfg
+        self.mean, self.std = list(mean), list(std)
+        self.channels = channels
+        self.size = cfg.size or in_size
+        self.scale = (float(cfg.crop_scale[0]), float(cfg.crop_scale[1]))
+        self.ratio = (float(cfg.crop_ratio[0]), float(cfg.crop_ratio[1]))
+        self.kernel_size = blur_kernel_size(cfg.blur_kernel_frac, self.size)
+        # Sigma is given for 224 px images; scale it so the blur covers the same fraction of the view.
+        self.sigma = (cfg.blur_sigma[0] * self.size / 224, cfg.blur_sigma[1] * self.size / 224)
+        s = cfg.jitter_strength
+        self.jitter = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)  # brightness, contrast, saturation, hue
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> list[Tensor]:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != self.channels:
+            raise ValueError(f"TensorViews expects uint8 images [B, {self.channels}, H, W], "
+                             f"got {images.dtype} {tuple(images.shape)}")
+        x = images.float().div_(255.0)
+        return [self._view(x, generator) for _ in range(self.cfg.n_views)]
+
+    def _view(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """One view of x [B, C, H, W] in [0, 1] -> normalised [B, C, S, S]."""
+        cfg = self.cfg
+        b, _, height, width = x.shape
+        u = torch.rand(b, _DRAWS, generator=generator, device=x.device)
+        boxes = augment.sample_crop_boxes(u[:, _AREA], u[:, _LOG_RATIO], u[:, _TOP], u[:, _LEFT],
+                                          height, width, self.scale, self.ratio)
+        v = augment.resized_crop(x, boxes, u[:, _FLIP] < cfg.hflip_p, self.size)
+
+        # ColorJitter's factor ranges: [max(0, 1 - a), 1 + a] for the blends, [-a, a] for the hue shift.
+        amount = torch.tensor(self.jitter, device=x.device)
+        low = torch.cat([(1 - amount[:3]).clamp(min=0), -amount[3:]])
+        high = torch.cat([1 + amount[:3], amount[3:]])
+        factors = low + (high - low) * u[:, _FACTORS]
+        order = u[:, _ORDER].argsort(dim=1)  # a uniformly random permutation per sample
+        v = augment.color_jitter(v, factors, order, u[:, _JITTER] < cfg.jitter_p)
+
+        if self.channels == 3:
+            grey = (u[:, _GREY] < cfg.grayscale_p).nonzero().squeeze(1)
+            v[grey] = augment.to_grayscale(v[grey])
+        if self.kernel_size > 1:
+            blur = (u[:, _BLUR] < cfg.blur_p).nonzero().squeeze(1)
+            if blur.numel():
+                sigma = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[blur, _SIGMA]
+                v[blur] = augment.gaussian_blur(v[blur], sigma, self.kernel_size)
+        solar = (u[:, _SOLARIZE] < cfg.solarize_p).nonzero().squeeze(1)
+        v[solar] = augment.solarize(v[solar])
+        return _normalise(v, self.mean, self.std)
+
+
+def eval_preprocess(images: Tensor, mean: Sequence[float], std: Sequence[float], size: int) -> Tensor:
+    """uint8 [B, C, H, W] -> float32 [B, C, size, size]: antialiased bilinear resize when the side
+    differs, then per-channel normalisation; the deterministic input of evaluation and embedding."""
+    x = images.float().div_(255.0)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = x.clamp_(0.0, 1.0)  # antialiased bilinear can overshoot slightly
+    return _normalise(x, mean, std)
+
+
+class PILViews:
+    """The same recipe as per-image torchvision transforms on PIL images, for DataLoader workers.
+
+    ``PILViews(cfg, mean, std, channels, in_size)(image)``: image uint8 [C, H, W] -> ``cfg.n_views``
+    float32 tensors [C, S, S]. Saturation, hue and grayscale are left out for 1 channel (no-ops there).
+    """
+
+    def __init__(self, cfg: ViewConfig, mean: Sequence[float], std: Sequence[float], channels: int, in_size: int):
+        check_view_config(cfg)
+        _check_stats(mean, std, channels)
+        self.cfg = cfg
+        self.size = cfg.size or in_size
+        s = cfg.jitter_strength
+        if channels == 3:
+            jitter = v2.ColorJitter(brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s)
+        else:
+            jitter = v2.ColorJitter(brightness=0.8 * s, contrast=0.8 * s)
+        steps: list[Any] = [
+            v2.RandomResizedCrop(self.size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio),
+                                 antialias=True),
+            v2.RandomHorizontalFlip(cfg.hflip_p),
+            v2.RandomApply([jitter], p=cfg.jitter_p),
+        ]
+        if channels == 3:
+            steps.append(v2.RandomGrayscale(cfg.grayscale_p))
+        kernel = blur_kernel_size(cfg.blur_kernel_frac, self.size)
+        if kernel > 1:
+            sigma = (cfg.blur_sigma[0] * self.size / 224, cfg.blur_sigma[1] * self.size / 224)
+            steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=sigma)], p=cfg.blur_p))
+        # On 8-bit PIL images the 0.5 threshold is 128: pixels >= 127.5 / 255.
+        steps += [
+            v2.RandomSolarize(128, p=cfg.solarize_p),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+        self.transform = v2.Compose(steps)
+
+    def __call__(self, image: Tensor) -> list[Tensor]:
+        pil = v2.functional.to_pil_image(image)
+        return [self.transform(pil) for _ in range(self.cfg.n_views)]
+
+
+class ViewDataset(Dataset):
+    """Wraps a dataset of ``(image uint8 [C, H, W], label, index)`` into ``(views, label, index)``,
+    views being ``pil_views(image)``: a list of float tensors [C, S, S]."""
+
+    def __init__(self, base: Dataset, pil_views: PILViews):
+        self.base = base
+        self.pil_views = pil_views
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[list[Tensor], Any, Any]:
+        image, label, index = self.base[i]
+        return self.pil_views(image), label, index
+
+
+def make_views(cfg: ViewConfig, mean: Sequence[float], std: Sequence[float], channels: int,
+               in_size: int) -> TensorViews | PILViews:
+    """The view maker ``cfg.backend`` names, after checking every ``views.*`` field."""
+    check_view_config(cfg)
+    cls = TensorViews if cfg.backend == "tensor" else PILViews
+    return cls(cfg, mean, std, channels, in_size)

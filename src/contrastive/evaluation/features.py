@@ -1,0 +1,94 @@
+"""Frozen features for offline evaluation: extract once, then kNN and the linear probe read the cache.
+
+Datasets yield ``(image uint8 [C, H, W], label int (-1 = unlabeled), index int)``. Features come back in
+dataset order, float32 on the CPU, with their int64 labels, so one extraction serves every evaluator.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from contrastive.errors import DataError
+
+
+def _batches(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool = False
+             ) -> Iterator[tuple[Tensor, Tensor]]:
+    if len(dataset) == 0:
+        raise DataError("the dataset to extract features from is empty; check its path and split")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=pin_memory, drop_last=False)
+    for images, labels, _ in loader:
+        yield images, labels
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module,
+    dataset: Dataset,
+    *,
+    preprocess: Callable[[Tensor], Tensor],
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Encode every image of ``dataset`` with the frozen ``encoder``.
+
+    ``preprocess`` maps uint8 ``[B, C, H, W]`` to float ``[B, C, S, S]`` on ``device``. The encoder runs
+    in eval mode (batch-norm running statistics, no dropout), as in the offline protocol of InstDisc
+    (Wu et al. 2018, Sec. 3.4); each sub-module's own train/eval mode is restored afterwards.
+
+    Returns ``(features float32 [N, D] on the CPU, labels int64 [N])`` in dataset order; an encoder output
+    with more than two dimensions is flattened to ``[B, D]``.
+    """
+    device = torch.device(device)
+    modes = [(m, m.training) for m in encoder.modules()]
+    encoder.eval()
+    feats, labels = [], []
+    try:
+        for images, batch_labels in _batches(dataset, batch_size, num_workers, device.type == "cuda"):
+            out = encoder(preprocess(images.to(device, non_blocking=True)))
+            feats.append(out.flatten(1).float().cpu())
+            labels.append(batch_labels.long())
+    finally:
+        # Restored per module: sub-modules frozen on purpose (eval inside a training model) stay frozen.
+        for module, training in modes:
+            module.training = training
+    return torch.cat(feats), torch.cat(labels)
+
+
+def raw_pixel_features(dataset: Dataset, *, batch_size: int = 512, num_workers: int = 0
+                       ) -> tuple[Tensor, Tensor]:
+    """Raw pixels as features, the baseline learned features must beat.
+
+    Returns ``(pixels / 255 float32 [N, C*H*W], labels int64 [N])`` in dataset order.
+    """
+    feats, labels = [], []
+    for images, batch_labels in _batches(dataset, batch_size, num_workers):
+        feats.append(images.flatten(1).float() / 255.0)
+        labels.append(batch_labels.long())
+    return torch.cat(feats), torch.cat(labels)
+
+
+def check_labelled(feats: Tensor, labels: Tensor, *, num_classes: int, role: str) -> None:
+    """Raise ``DataError`` unless ``feats [N, D]`` and ``labels [N]`` pair up with labels in ``[0, C)``.
+
+    ``role`` ("train", "test") names the side at fault in the message.
+    """
+    if feats.dim() != 2:
+        raise DataError(f"{role} features must be a [N, D] matrix, got shape {tuple(feats.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != feats.shape[0]:
+        raise DataError(f"{role} labels have shape {tuple(labels.shape)} but there are {feats.shape[0]} "
+                        f"{role} feature rows; give one label per row")
+    if feats.shape[0] == 0:
+        raise DataError(f"there are no {role} examples to evaluate with")
+    unlabeled = int((labels < 0).sum())
+    if unlabeled:
+        raise DataError(f"{unlabeled} of {labels.shape[0]} {role} examples are unlabeled (label -1); kNN and "
+                        f"the linear probe need labelled data: set data.train_data / data.test_data to a "
+                        f"labelled dataset")
+    if int(labels.max()) >= num_classes:
+        raise DataError(f"{role} label {int(labels.max())} is out of range for num_classes={num_classes}")

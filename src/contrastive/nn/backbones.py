@@ -1,0 +1,110 @@
+"""Backbones: image encoders f(.) mapping [B, C, H, W] float images to pooled features [B, feature_dim].
+
+Each is registered under its config name (``backbone.name``) as a builder
+``(cfg, in_channels, image_size) -> (module, feature_dim)``; :func:`build_backbone` is the one entry point.
+No classifier is attached, and no weights are ever downloaded: self-supervised pretraining starts from
+random initialisation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision import models
+
+from contrastive.config import BackboneConfig
+from contrastive.registry import lookup, register
+
+
+def build_backbone(cfg: BackboneConfig, *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+    """The backbone named by ``cfg.name`` and its feature dimension.
+
+    The module maps [B, in_channels, H, W] float -> [B, feature_dim]. An unknown name raises a ConfigError
+    listing the registered backbones.
+    """
+    return lookup("backbones", cfg.name)(cfg, in_channels=in_channels, image_size=image_size)
+
+
+def uses_cifar_stem(cfg: BackboneConfig, image_size: int) -> bool:
+    """Whether the small-image stem applies: ``cfg.cifar_stem``, or when None, images of 64 px or less.
+
+    A 7x7 stride-2 conv plus max-pool would shrink a 32 px image to 8 px before the first block; SimCLR
+    replaces them for CIFAR-10 (Chen et al. 2020, Appendix B.9).
+    """
+    return cfg.cifar_stem if cfg.cifar_stem is not None else image_size <= 64
+
+
+def _resnet(arch: str, cfg: BackboneConfig, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+    # zero_init_residual: the last BN of each residual block starts at gamma = 0 so every block starts as
+    # the identity (Goyal et al. 2017, Sec. 5.1), as SimCLR's and MoCo v3's ResNets do.
+    net = getattr(models, arch)(weights=None, zero_init_residual=True)
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    if uses_cifar_stem(cfg, image_size):
+        # "we replace the first 7x7 Conv of stride 2 with 3x3 Conv of stride 1, and also remove the first
+        # max pooling operation" (SimCLR, Appendix B.9).
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    # A replaced conv1 gets torchvision's own ResNet conv initialisation, not PyTorch's default.
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return net, feature_dim
+
+
+@register("backbones", "resnet18")
+def resnet18(cfg: BackboneConfig, *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+    """ResNet-18 (He et al. 2016) without its classifier: [B, C, H, W] -> [B, 512]."""
+    return _resnet("resnet18", cfg, in_channels, image_size)
+
+
+@register("backbones", "resnet34")
+def resnet34(cfg: BackboneConfig, *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+    """ResNet-34 (He et al. 2016) without its classifier: [B, C, H, W] -> [B, 512]."""
+    return _resnet("resnet34", cfg, in_channels, image_size)
+
+
+@register("backbones", "resnet50")
+def resnet50(cfg: BackboneConfig, *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+    """ResNet-50 (He et al. 2016), SimCLR's main encoder, without its classifier: [B, C, H, W] -> [B, 2048]."""
+    return _resnet("resnet50", cfg, in_channels, image_size)
+
+
+class SmallCNN(nn.Module):
+    """Four conv-BN-ReLU stages (32, 64, 128, 256 channels) and global average pooling, for CPU runs.
+
+    Stages 2-4 halve the resolution; stage 1 keeps it on small images (the CIFAR-stem rule) and halves it
+    on large ones, so a 32 px image is pooled from 4x4 maps. Shapes: [B, C, H, W] -> [B, 256].
+    """
+
+    widths = (32, 64, 128, 256)
+
+    def __init__(self, in_channels: int, first_stride: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for i, width in enumerate(self.widths):
+            stride = first_stride if i == 0 else 2
+            # No conv bias: the BatchNorm that follows would cancel it.
+            layers += [
+                nn.Conv2d(prev, width, kernel_size=3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
+            prev = width
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = prev
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.features(x)).flatten(1)
+
+
+@register("backbones", "small_cnn")
+def small_cnn(cfg: BackboneConfig, *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+    """:class:`SmallCNN`: [B, C, H, W] -> [B, 256]; trains at hundreds of 32 px images/s on two CPU cores."""
+    net = SmallCNN(in_channels, first_stride=1 if uses_cifar_stem(cfg, image_size) else 2)
+    return net, net.feature_dim

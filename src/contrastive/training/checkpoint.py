@@ -1,0 +1,73 @@
+"""Checkpoints: one file holding every piece of training state, written atomically.
+
+A checkpoint holds the config, the epoch and step reached, the method's state dict (weights and
+buffers: queue, memory bank, EMA teacher, centre), the optimiser, the gradient scaler, and the RNG
+states, so that resuming continues exactly as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from contrastive.errors import CheckpointError
+
+FORMAT_VERSION = 1
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash mid-write leaves the previous checkpoint intact, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint written by the trainer, with a clear error for a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .pt file a run wrote "
+                              f"(for example runs/latest/checkpoint.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types for a damaged file
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
+                              f"it may be truncated or not a contrastive checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is not a contrastive checkpoint of format {FORMAT_VERSION}")
+    return ckpt

@@ -1,0 +1,361 @@
+"""The trainer: one loop that drives any method through the contract in ``methods/base.py``.
+
+Plain PyTorch with DistributedDataParallel (see docs/ARCHITECTURE.md for why not Lightning). Every
+random choice of a step is a function of (seed, epoch, step, rank): the data order of an epoch comes
+from a generator seeded by (seed, epoch), the views of a step from one seeded by (seed, step, rank).
+Resuming from a checkpoint therefore continues bitwise-identically on the CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from contrastive import distributed
+from contrastive.config import Config, to_dict
+from contrastive.data import collate_skip_corrupt
+from contrastive.data.preprocess import Preprocess
+from contrastive.data.views import make_views
+from contrastive.errors import CheckpointError, ConfigError, NonFiniteLossError
+from contrastive.methods.base import StepInfo
+from contrastive.training.checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
+from contrastive.training.optim import build_optimizer
+from contrastive.training.schedules import scaled_lr, warmup_cosine
+
+log = logging.getLogger("contrastive.train")
+
+CHECKPOINT_NAME = "checkpoint.pt"
+# checkpoint fields that must match for a resume to continue the same run
+_RESUME_KEYS = [("method",), ("backbone",), ("data", "name"), ("views",), ("optim",), ("seed",),
+                ("train", "batch_size"), ("train", "epochs")]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu or auto")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full fp32."""
+    if name == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    if name == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("train.precision=fp16 needs a CUDA device; on a CPU use bf16 or fp32")
+        return torch.float16
+    raise ConfigError(f"train.precision={name!r} is not one of auto, fp32, bf16, fp16")
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return ((seed * 1_000_003 + step) * 4096 + rank) % (2**63)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """This rank's index batches for one epoch: a permutation seeded by (seed, epoch), full global
+    batches only (SimCLR's loss depends on the batch size), each split evenly over the ranks."""
+    world, rank = distributed.world_size(), distributed.rank()
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g)
+    per_rank = batch_size // world
+    out = []
+    for b in range(n // batch_size):
+        chunk = order[b * batch_size:(b + 1) * batch_size]
+        out.append(chunk[rank * per_rank:(rank + 1) * per_rank].tolist())
+    return out
+
+
+@dataclass
+class TrainResult:
+    epochs_done: int
+    steps_done: int
+    images_per_s: float  # mean over the training steps of this invocation
+    peak_memory_mb: float  # peak RSS of this process (CPU) or peak allocated (CUDA)
+    stopped_early: str | None  # why training stopped before the last epoch (max_steps, time budget)
+    checkpoint: Path
+
+
+class Trainer:
+    """Trains ``method`` on ``dataset`` with the config's optimiser, schedule, views and precision."""
+
+    def __init__(self, cfg: Config, method: nn.Module, dataset, output: str | Path):
+        self.cfg = cfg
+        self.output = Path(output)
+        self.device = resolve_device(cfg.train.device)
+        distributed.init_from_env(self.device)
+        self.world = distributed.world_size()
+        if cfg.train.batch_size % self.world:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
+                              f"{self.world} processes; make it a multiple")
+        if cfg.train.batch_size > len(dataset):
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the dataset "
+                              f"({len(dataset)} images); lower train.batch_size")
+        self.dataset = dataset
+        self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
+        self.method = method.to(self.device)
+        if cfg.train.channels_last:
+            self.method = self.method.to(memory_format=torch.channels_last)
+        self.views = make_views(cfg.views, dataset.mean, dataset.std, dataset.channels, dataset.image_size)
+        self.steps_per_epoch = len(dataset) // cfg.train.batch_size
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.peak_lr = scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_scaling)
+        self.optimizer = build_optimizer(self.method, cfg.optim, self.peak_lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.model: nn.Module = self.method
+        if self.world > 1:
+            self.model = DistributedDataParallel(self.method, device_ids=[self.device] if self.device.type == "cuda" else None)
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)
+        self.epoch = 0
+        self.step = 0
+        self.skipped_images = 0  # unreadable images skipped under data.skip_corrupt (streaming mode)
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict:
+        return {
+            "format": FORMAT_VERSION,
+            "config": to_dict(self.cfg),
+            "epoch": self.epoch,
+            "step": self.step,
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "preprocess": asdict(Preprocess.for_dataset(self.dataset, self.cfg.views.size)),
+        }
+
+    def resume(self, path: str | Path) -> None:
+        ckpt = load_checkpoint(path)
+        now = to_dict(self.cfg)
+        for keys in _RESUME_KEYS:
+            a, b = ckpt["config"], now
+            for k in keys:
+                a, b = a[k], b[k]
+            if a != b:
+                raise CheckpointError(f"cannot resume from {path}: {'.'.join(keys)} was {a!r} there and is "
+                                      f"{b!r} now; resume with the checkpoint's config (its config.yaml)")
+        self.method.load_state_dict(ckpt["method"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
+
+    def save(self) -> Path:
+        path = self.output / CHECKPOINT_NAME
+        if distributed.is_main():
+            atomic_save(self.state_dict(), path)
+        return path
+
+    # ---------------------------------------------------------------- data
+
+    def _batches(self, epoch: int) -> Iterator[torch.Tensor | list[torch.Tensor]]:
+        """Yield this rank's images of each step: a uint8 batch (tensor views) or a list of views (pil)."""
+        index_batches = epoch_batches(len(self.dataset), self.cfg.train.batch_size, self.cfg.seed, epoch)
+        # after a resume from a mid-epoch checkpoint (max_steps, time budget), skip the steps already done
+        index_batches = index_batches[self.step - epoch * self.steps_per_epoch:]
+        images = getattr(self.dataset, "images", None)
+        if self.cfg.views.backend == "tensor" and isinstance(images, torch.Tensor):
+            # decoded in memory already: index it, no loader processes needed
+            for idx in index_batches:
+                yield images[torch.tensor(idx)]
+            return
+        dataset = self.dataset
+        if self.cfg.views.backend == "pil":
+            from contrastive.data.views import ViewDataset
+
+            dataset = ViewDataset(self.dataset, self.views)
+        skip = self.cfg.data.skip_corrupt
+        loader = DataLoader(
+            dataset,
+            batch_sampler=index_batches,
+            num_workers=self.cfg.data.num_workers,
+            collate_fn=collate_skip_corrupt if skip else None,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch),
+        )
+        for batch in loader:
+            if skip:
+                batch, skipped = batch
+                self.skipped_images += skipped
+                if batch is None:  # every image of this batch was unreadable
+                    continue
+            yield batch[0]
+
+    def _views(self, batch) -> list[torch.Tensor]:
+        if self.cfg.views.backend == "pil":
+            views = [v.to(self.device, non_blocking=True) for v in batch]
+        else:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(_step_seed(self.cfg.seed, self.step, distributed.rank()))
+            views = self.views(batch.to(self.device, non_blocking=True), gen)
+        if self.cfg.train.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        return views
+
+    # ---------------------------------------------------------------- loop
+
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        self.output.mkdir(parents=True, exist_ok=True)
+        if cfg.train.resume:
+            self.resume(cfg.train.resume)
+        logger = _MetricLogger(self.output, cfg.train.tensorboard) if distributed.is_main() else None
+        start = time.perf_counter()
+        images_seen = 0
+        stopped = None
+        last_log_t, last_log_images = start, 0
+        try:
+            while self.epoch < cfg.train.epochs and stopped is None:
+                self.method.train()
+                bar = _progress(cfg, self.epoch, self.steps_per_epoch)
+                for batch in self._batches(self.epoch):
+                    lr = warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.peak_lr,
+                                       self.peak_lr * cfg.optim.min_lr_ratio)
+                    metrics = self._train_step(batch, lr)
+                    images_seen += cfg.train.batch_size
+                    if bar is not None:
+                        bar.update(1)
+                    if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                        now = time.perf_counter()
+                        ips = (images_seen - last_log_images) / max(now - last_log_t, 1e-9)
+                        last_log_t, last_log_images = now, images_seen
+                        row = {"epoch": self.epoch, "step": self.step, "lr": lr, "images_per_s": ips,
+                               **{k: distributed.all_reduce_mean(v).item() for k, v in metrics.items()}}
+                        if logger is not None:
+                            logger.write(row)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
+                    if cfg.train.max_steps is not None and self.step >= cfg.train.max_steps:
+                        stopped = f"train.max_steps={cfg.train.max_steps}"
+                    elif cfg.train.time_budget_s is not None and time.perf_counter() - start >= cfg.train.time_budget_s:
+                        stopped = f"train.time_budget_s={cfg.train.time_budget_s:g}"
+                    if stopped:
+                        break
+                if bar is not None:
+                    bar.close()
+                if stopped is None:
+                    self.epoch += 1
+                    if self.epoch % cfg.train.checkpoint_every == 0 or self.epoch == cfg.train.epochs:
+                        self.save()
+            if stopped is not None:
+                self.save()
+        finally:
+            if logger is not None:
+                logger.close()
+        elapsed = time.perf_counter() - start
+        if self.skipped_images:
+            log.warning("skipped %d unreadable image reads (data.skip_corrupt=true)", self.skipped_images)
+        return TrainResult(
+            epochs_done=self.epoch,
+            steps_done=self.step,
+            images_per_s=images_seen / elapsed if elapsed > 0 else 0.0,
+            peak_memory_mb=peak_memory_mb(self.device),
+            stopped_early=stopped,
+            checkpoint=self.output / CHECKPOINT_NAME,
+        )
+
+    def _train_step(self, batch, lr: float) -> dict[str, torch.Tensor]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        info = StepInfo(step=self.step, epoch=self.epoch, total_steps=self.total_steps)
+        views = self._views(batch)
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+                    else nullcontext())
+        with autocast:
+            out = self.model(views, step=info)
+        if not torch.isfinite(out.loss):
+            raise NonFiniteLossError(
+                f"the loss became {out.loss.item()} at epoch {self.epoch}, step {self.step} (lr {lr:.4g}). "
+                f"Lower optim.lr, set optim.grad_clip (for example 1.0), lengthen optim.warmup_epochs, "
+                f"or use train.precision=fp32 if you trained in fp16; the last good checkpoint is in {self.output}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.loss).backward()
+        if self.cfg.optim.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_step(info)
+        self.step += 1
+        return out.metrics
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _progress(cfg: Config, epoch: int, steps: int):
+    if not cfg.train.progress or not distributed.is_main():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True)
+
+
+class _MetricLogger:
+    """metrics.csv (appended across resumes) and, when available or asked for, TensorBoard."""
+
+    def __init__(self, output: Path, tensorboard: str):
+        self.path = output / "metrics.csv"
+        self.file = None
+        self.writer = None
+        self.fields: list[str] | None = None
+        if tensorboard not in ("auto", "on", "off"):
+            raise ConfigError(f"train.tensorboard={tensorboard!r} is not one of auto, on, off")
+        if tensorboard != "off":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                if tensorboard == "on":
+                    raise ConfigError("train.tensorboard=on but tensorboard is not installed; "
+                                      "pip install tensorboard, or set train.tensorboard=off") from None
+            else:
+                self.writer = SummaryWriter(str(output / "tensorboard"))
+
+    def write(self, row: dict) -> None:
+        if self.file is None:
+            new = not self.path.exists()
+            self.file = open(self.path, "a", newline="")
+            self.fields = list(row)
+            self._csv = csv.DictWriter(self.file, fieldnames=self.fields)
+            if new:
+                self._csv.writeheader()
+        self._csv.writerow({k: row.get(k) for k in self.fields})
+        self.file.flush()
+        if self.writer is not None:
+            for k, v in row.items():
+                if k not in ("epoch", "step") and isinstance(v, float) and math.isfinite(v):
+                    self.writer.add_scalar(f"train/{k}", v, row["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,44 @@
+import pytest
+
+from contrastive.config import Config, apply_overrides, find_recipe, method_config, parse_override, resolve_config
+from contrastive.errors import ConfigError
+
+
+def test_defaults_then_recipe_then_overrides():
+    cfg = resolve_config(recipe=None, tree={"data": {"name": "cifar10"}}, overrides=["optim.lr=0.3", "seed=7"])
+    assert find_recipe("simclr", "cifar10").name == "simclr-cifar10.yaml"
+    assert cfg.optim.lr == 0.3 and cfg.seed == 7
+    assert cfg.method["temperature"] == 0.5  # from the CIFAR-10 recipe (SimCLR B.9)
+    assert method_config(cfg).temperature == 0.5
+
+
+def test_override_value_types():
+    assert parse_override("views.crop_scale=[0.2, 1.0]") == (["views", "crop_scale"], [0.2, 1.0])
+    assert parse_override("optim.grad_clip=null") == (["optim", "grad_clip"], None)
+    cfg = apply_overrides(Config(), ["optim.lr=1", "optim.grad_clip=2"])
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.grad_clip == 2.0
+
+
+@pytest.mark.parametrize("override,match", [
+    ("optim.learning_rate=0.1", "unknown config key optim.learning_rate"),
+    ("bogus=1", "unknown config key bogus"),
+    ("method.temprature=0.2", "unknown config key method.temprature"),
+    ("train.epochs=ten", "train.epochs: expected an integer"),
+    ("method.name=nope", "unknown method 'nope'"),
+    ("optim.lr", "not of the form key=value"),
+])
+def test_bad_keys_and_values_name_the_field(override, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve_config(overrides=[override])
+
+
+def test_missing_recipe_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=str(tmp_path / "none.yaml")):
+        resolve_config(recipe=tmp_path / "none.yaml")
+
+
+def test_recipe_with_unknown_key_is_named(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key train.epochz"):
+        resolve_config(recipe=p)

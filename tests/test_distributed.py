@@ -1,0 +1,82 @@
+"""Two gloo processes, each holding half the batch, against one process holding all of it."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from contrastive import distributed
+from contrastive.losses import nt_xent
+
+N, D, T = 8, 16, 0.5
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(N, D, generator=g), torch.randn(N, D, generator=g), torch.randn(N, 12, generator=g)
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        n = N // world
+        z1, z2, x = _data()
+        sl = slice(rank * n, (rank + 1) * n)
+        # the loss itself: local anchors against globally gathered candidates
+        a, b = z1[sl].clone().requires_grad_(), z2[sl].clone().requires_grad_()
+        loss = nt_xent(a, b, T)
+        loss.backward()
+        # a model under DDP: gradients averaged over ranks must equal the single-process gradient
+        torch.manual_seed(0)
+        model = nn.Linear(12, D)
+        ddp = DistributedDataParallel(model)
+        x_local = x[sl]
+        ddp_loss = nt_xent(ddp(x_local), ddp(x_local + 0.1), T)
+        ddp_loss.backward()
+        torch.save({"loss": loss.detach(), "g1": a.grad, "g2": b.grad, "ddp_loss": ddp_loss.detach(),
+                    "w_grad": model.weight.grad, "b_grad": model.bias.grad,
+                    "world": distributed.world_size(), "rank": distributed.rank()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    world = 2
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert [r["world"] for r in ranks] == [2, 2] and [r["rank"] for r in ranks] == [0, 1]
+
+    z1, z2, x = _data()
+    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    single = nt_xent(a, b, T)
+    single.backward()
+    # the whole-batch loss is the mean of the per-rank losses (equal local batch sizes)
+    assert torch.stack([r["loss"] for r in ranks]).mean().item() == pytest.approx(single.item(), rel=1e-6)
+    # each rank's gradient for its own slice sums every rank's loss: world_size x the single gradient
+    n = N // world
+    for r, res in enumerate(ranks):
+        sl = slice(r * n, (r + 1) * n)
+        torch.testing.assert_close(res["g1"] / world, a.grad[sl], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(res["g2"] / world, b.grad[sl], rtol=1e-5, atol=1e-7)
+
+    torch.manual_seed(0)
+    model = nn.Linear(12, D)
+    loss = nt_xent(model(x), model(x + 0.1), T)
+    loss.backward()
+    assert torch.stack([r["ddp_loss"] for r in ranks]).mean().item() == pytest.approx(loss.item(), rel=1e-6)
+    for res in ranks:  # DDP's averaged gradients are the single-process gradients, on every rank
+        torch.testing.assert_close(res["w_grad"], model.weight.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(res["b_grad"], model.bias.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_single_process_helpers_are_no_ops():
+    x = torch.randn(3, 2, requires_grad=True)
+    assert distributed.rank() == 0 and distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.gather_with_grad(x) is x
+    assert distributed.all_reduce_mean(x) is x

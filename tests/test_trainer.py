@@ -1,0 +1,79 @@
+"""Training state: exact resume, checkpoint contents, the non-finite stop."""
+
+import pytest
+import torch
+
+from contrastive import api
+from contrastive.config import resolve_config
+from contrastive.errors import CheckpointError, ConfigError, NonFiniteLossError
+from contrastive.training.checkpoint import load_checkpoint
+from contrastive.training.trainer import epoch_batches
+
+FAST = ["data.image_size=16", "backbone.name=small_cnn", "train.batch_size=128", "train.progress=false",
+        "eval.enabled=false", "train.log_every=1", "views.crop_scale=[0.5,1.0]", "method.projection_dim=16"]
+
+
+def _cfg(tmp, *extra):
+    return resolve_config(tree={"data": {"name": "digits"}}, overrides=FAST + [f"train.output={tmp}", *extra])
+
+
+def _weights(path):
+    return load_checkpoint(path)["method"]
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
+    # digits train split: 1437 images -> 11 steps an epoch at batch 128; 3 epochs = 33 steps
+    full = api.pretrain(_cfg(tmp_path / "full", "train.epochs=3"))
+    assert full["steps"] == 33
+    # stop mid-epoch 2 (step 15), as a killed run would have left its last checkpoint
+    part = api.pretrain(_cfg(tmp_path / "part", "train.epochs=3", "train.max_steps=15"))
+    assert part["steps"] == 15 and part["stopped_early"] == "train.max_steps=15"
+    ckpt = load_checkpoint(tmp_path / "part" / "checkpoint.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 15)
+    resumed = api.pretrain(_cfg(tmp_path / "part", "train.epochs=3", f"train.resume={tmp_path / 'part' / 'checkpoint.pt'}"))
+    assert resumed["steps"] == 33
+    a, b = _weights(tmp_path / "full" / "checkpoint.pt"), _weights(tmp_path / "part" / "checkpoint.pt")
+    assert a.keys() == b.keys()
+    for k in a:  # bitwise, weights and buffers (batch-norm statistics included)
+        assert torch.equal(a[k], b[k]), k
+    opt_a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["optimizer"]["state"]
+    opt_b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")["optimizer"]["state"]
+    for k in opt_a:
+        for name in opt_a[k]:
+            assert torch.equal(torch.as_tensor(opt_a[k][name]), torch.as_tensor(opt_b[k][name]))
+
+
+def test_checkpoint_holds_every_piece_of_state(tmp_path):
+    api.pretrain(_cfg(tmp_path, "train.epochs=1", "train.max_steps=2"))
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert {"config", "epoch", "step", "method", "optimizer", "scaler", "rng", "preprocess"} <= set(ckpt)
+    assert ckpt["preprocess"]["size"] == 16 and ckpt["preprocess"]["channels"] == 1
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary file
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    api.pretrain(_cfg(tmp_path / "a", "train.epochs=1", "train.max_steps=1"))
+    with pytest.raises(CheckpointError, match="optim"):
+        api.pretrain(_cfg(tmp_path / "a", "train.epochs=1", "optim.lr=0.5",
+                          f"train.resume={tmp_path / 'a' / 'checkpoint.pt'}"))
+
+
+def test_non_finite_loss_stops_with_advice(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="Lower optim.lr"):
+        api.pretrain(_cfg(tmp_path, "train.epochs=2", "optim.name=sgd", "optim.lr=1.0e30",
+                          "optim.warmup_epochs=0"))
+
+
+def test_batch_larger_than_dataset_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="train.batch_size=4096 is larger than the dataset"):
+        api.pretrain(_cfg(tmp_path, "train.batch_size=4096"))
+
+
+def test_epoch_batches_are_seeded_full_and_disjoint():
+    a = epoch_batches(100, 32, seed=0, epoch=0)
+    assert len(a) == 3 and all(len(b) == 32 for b in a)
+    flat = [i for b in a for i in b]
+    assert len(set(flat)) == 96
+    assert a == epoch_batches(100, 32, seed=0, epoch=0)
+    assert a != epoch_batches(100, 32, seed=0, epoch=1)

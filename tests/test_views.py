@@ -1,0 +1,238 @@
+"""SimCLR views: determinism per seed, per-sample parameters, and every kernel against torchvision."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+
+from contrastive.config import ViewConfig
+from contrastive.data import augment
+from contrastive.data.views import (
+    PILViews,
+    TensorViews,
+    ViewDataset,
+    blur_kernel_size,
+    eval_preprocess,
+    make_views,
+)
+from contrastive.errors import ConfigError
+
+MEAN3, STD3 = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+MEAN1, STD1 = [0.13], [0.31]
+
+# Only the crop, nothing random after it.
+PLAIN = dict(crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0], hflip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
+             blur_p=0.0, solarize_p=0.0)
+# Everything on, so every branch draws and runs.
+FULL = dict(blur_p=0.5, solarize_p=0.3)
+
+
+def _images(b: int, c: int = 3, side: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (b, c, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def _normalised(images: torch.Tensor, mean: list, std: list) -> torch.Tensor:
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    return (images.float() / 255 - m) / s
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# TensorViews: randomness
+
+
+def test_same_seed_same_views_other_seed_differs():
+    views = TensorViews(ViewConfig(**FULL), MEAN3, STD3, channels=3, in_size=16)
+    x = _images(8)
+    a, b, c = views(x, _gen(1)), views(x, _gen(1)), views(x, _gen(2))
+    for va, vb in zip(a, b):
+        assert torch.equal(va, vb)
+    assert not torch.equal(a[0], c[0])
+    assert not torch.equal(a[0], a[1])  # the two views of one call differ
+
+
+def test_identical_images_in_a_batch_get_different_views():
+    views = TensorViews(ViewConfig(**FULL), MEAN3, STD3, channels=3, in_size=16)
+    x = _images(1).expand(4, -1, -1, -1).contiguous()
+    v = views(x, _gen(0))[0]
+    for i in range(1, 4):
+        assert (v[0] - v[i]).abs().max() > 0.1
+
+
+# ---------------------------------------------------------------------------------------------------
+# TensorViews: geometry
+
+
+def test_full_crop_without_augmentation_reproduces_input():
+    x = _images(4)
+    v = TensorViews(ViewConfig(**PLAIN), MEAN3, STD3, channels=3, in_size=16)(x, _gen(0))
+    for view in v:
+        torch.testing.assert_close(view, _normalised(x, MEAN3, STD3), atol=1e-5, rtol=0)
+
+
+def test_forced_flip_mirrors_input():
+    x = _images(4)
+    cfg = ViewConfig(**{**PLAIN, "hflip_p": 1.0})
+    v = TensorViews(cfg, MEAN3, STD3, channels=3, in_size=16)(x, _gen(0))[0]
+    torch.testing.assert_close(v, _normalised(x.flip(-1), MEAN3, STD3), atol=1e-5, rtol=0)
+
+
+def test_crop_at_half_resolution_is_the_box_average():
+    # Output pixel centres of a 2x downscale fall between two input pixels: bilinear = 2x2 mean.
+    x = torch.rand(3, 2, 16, 16)
+    boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0], [2.0, 4.0, 8.0, 8.0], [8.0, 0.0, 8.0, 8.0]])
+    sizes = [8, 4, 4]
+    for i, (box, size) in enumerate(zip(boxes, sizes)):
+        out = augment.resized_crop(x[i:i + 1], box[None], torch.tensor([False]), size)
+        t, l, h, w = (int(v) for v in box)
+        torch.testing.assert_close(out, F.avg_pool2d(x[i:i + 1, :, t:t + h, l:l + w], 2), atol=1e-6, rtol=0)
+
+
+def test_full_crop_upsampled_matches_torch_resize_at_the_borders():
+    # Upsampling samples half a pixel beyond the edge; torch's resize clamps there, as border padding does.
+    x = torch.rand(2, 3, 8, 8)
+    out = augment.resized_crop(x, torch.tensor([[0.0, 0.0, 8.0, 8.0]] * 2), torch.tensor([False, False]), 20)
+    expected = F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_crop_boxes_fit_and_cover_the_scale_range():
+    g = _gen(0)
+    b = 2000
+    boxes = augment.sample_crop_boxes(torch.rand(b, 10, generator=g), torch.rand(b, 10, generator=g),
+                                      torch.rand(b, generator=g), torch.rand(b, generator=g),
+                                      32, 32, (0.08, 1.0), (3 / 4, 4 / 3))
+    top, left, h, w = boxes.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 32).all()
+    assert torch.equal(boxes, boxes.round())
+    area = h * w / 1024
+    assert area.min() < 0.1 and area.max() > 0.95
+    ratio = w / h
+    # Rounding to whole pixels can move the ratio a little outside (3/4, 4/3) on small boxes.
+    assert ratio.min() > 0.6 and ratio.max() < 1.7
+
+
+def test_crop_falls_back_to_torchvision_centre_crop():
+    # A square image never fits a 2:1 box of the full area, so all 10 tries fail.
+    u = torch.full((3, 10), 0.5)
+    boxes = augment.sample_crop_boxes(u, u, torch.rand(3), torch.rand(3), 32, 32, (1.0, 1.0), (2.0, 2.0))
+    assert boxes.tolist() == [[8.0, 0.0, 16.0, 32.0]] * 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# colour kernels against torchvision, one image at a time
+
+
+def _float_images(b: int = 6, c: int = 3) -> torch.Tensor:
+    return torch.rand(b, c, 12, 12, generator=_gen(3))
+
+
+@pytest.mark.parametrize("ours, theirs, low, high, atol", [
+    (augment.adjust_brightness, TF.adjust_brightness, 0.2, 1.8, 1e-6),
+    (augment.adjust_contrast, TF.adjust_contrast, 0.2, 1.8, 1e-5),
+    (augment.adjust_saturation, TF.adjust_saturation, 0.2, 1.8, 1e-5),
+    (augment.adjust_hue, TF.adjust_hue, -0.5, 0.5, 1e-5),
+])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_colour_op_matches_torchvision(ours, theirs, low, high, atol, channels):
+    x = _float_images(c=channels)
+    factor = low + (high - low) * torch.rand(x.shape[0], generator=_gen(4))
+    expected = torch.stack([theirs(img, float(f)) for img, f in zip(x, factor)])
+    torch.testing.assert_close(ours(x, factor), expected, atol=atol, rtol=0)
+
+
+def test_grayscale_and_solarize_match_torchvision():
+    x = _float_images()
+    torch.testing.assert_close(augment.to_grayscale(x), TF.rgb_to_grayscale(x, num_output_channels=3),
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(augment.solarize(x, 0.5), TF.solarize(x, 0.5), atol=0, rtol=0)
+
+
+def test_color_jitter_applies_each_samples_order():
+    x = _float_images(8)
+    factors = torch.rand(8, 4, generator=_gen(5)) + 0.5
+    factors[:, 3] -= 1.0  # hue shift in [-0.5, 0.5]
+    order = torch.rand(8, 4, generator=_gen(6)).argsort(dim=1)
+    apply = torch.tensor([True, True, False, True, True, True, False, True])
+    funcs = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    expected = x.clone()
+    for i in range(8):
+        if apply[i]:
+            for op in order[i].tolist():
+                expected[i] = funcs[op](expected[i], float(factors[i, op]))
+    torch.testing.assert_close(augment.color_jitter(x.clone(), factors, order, apply), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_blur_matches_torchvision(kernel_size):
+    x = _float_images(5)
+    sigma = 0.1 + 2 * torch.rand(5, generator=_gen(7))
+    expected = torch.stack([TF.gaussian_blur(img, [kernel_size] * 2, [float(s)] * 2) for img, s in zip(x, sigma)])
+    torch.testing.assert_close(augment.gaussian_blur(x, sigma, kernel_size), expected, atol=1e-5, rtol=0)
+
+
+def test_blur_kernel_sizes_follow_simclr():
+    assert [blur_kernel_size(0.1, s) for s in (224, 96, 32, 8)] == [23, 9, 3, 1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# shapes, ranges, backends
+
+
+@pytest.mark.parametrize("channels, mean, std", [(3, MEAN3, STD3), (1, MEAN1, STD1)])
+def test_shapes_dtype_and_range(channels, mean, std):
+    cfg = ViewConfig(n_views=3, size=24, **FULL)
+    views = make_views(cfg, mean, std, channels, in_size=16)(_images(5, channels), _gen(0))
+    lo = (0 - torch.tensor(mean)) / torch.tensor(std)
+    hi = (1 - torch.tensor(mean)) / torch.tensor(std)
+    assert len(views) == 3
+    for v in views:
+        assert v.shape == (5, channels, 24, 24) and v.dtype == torch.float32
+        assert (v >= lo.view(1, -1, 1, 1) - 1e-5).all() and (v <= hi.view(1, -1, 1, 1) + 1e-5).all()
+
+
+@pytest.mark.parametrize("channels, mean, std", [(3, MEAN3, STD3), (1, MEAN1, STD1)])
+def test_pil_views_shapes_and_dataset(channels, mean, std):
+    pil = make_views(ViewConfig(backend="pil", n_views=3, size=24, **FULL), mean, std, channels, in_size=16)
+    assert isinstance(pil, PILViews)
+    base = [(img, i % 2, i) for i, img in enumerate(_images(2, channels))]
+    views, label, index = ViewDataset(base, pil)[1]
+    assert (label, index) == (1, 1) and len(views) == 3
+    for v in views:
+        assert v.shape == (channels, 24, 24) and v.dtype == torch.float32
+
+
+def test_pil_views_without_augmentation_reproduce_input():
+    x = _images(1)
+    v = PILViews(ViewConfig(**PLAIN), MEAN3, STD3, 3, in_size=16)(x[0])[0]
+    torch.testing.assert_close(v[None], _normalised(x, MEAN3, STD3), atol=1e-5, rtol=0)
+
+
+def test_eval_preprocess():
+    x = _images(2)
+    torch.testing.assert_close(eval_preprocess(x, MEAN3, STD3, 16), _normalised(x, MEAN3, STD3), atol=1e-6, rtol=0)
+    assert eval_preprocess(x, MEAN3, STD3, 8).shape == (2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"backend": "dali"}, "views.backend"),
+    ({"crop_scale": [0.0, 1.0]}, "views.crop_scale"),
+    ({"crop_scale": [0.5, 1.2]}, "views.crop_scale"),
+    ({"n_views": 0}, "views.n_views"),
+    ({"jitter_p": 1.5}, "views.jitter_p"),
+    ({"grayscale_p": -0.1}, "views.grayscale_p"),
+    ({"blur_sigma": [2.0, 0.1]}, "views.blur_sigma"),
+])
+def test_make_views_rejects_bad_config(change, field):
+    cfg = dataclasses.replace(ViewConfig(), **change)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as info:
+        make_views(cfg, MEAN3, STD3, 3, 32)
+    if field == "views.backend":
+        assert "pil" in str(info.value) and "tensor" in str(info.value)
