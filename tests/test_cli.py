@@ -81,6 +81,12 @@ def test_corrupt_image_names_the_file(tmp_path, capsys):
                  "--output", str(tmp_path / "run"), "train.progress=false", "data.skip_corrupt=true"]) == 0
 
 
+def test_overrides_may_stand_between_flags(capsys):
+    assert main(["pretrain", "train.epochs=7", "--print-config", "optim.lr=0.25", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "train.epochs = 7" in out and "optim.lr = 0.25" in out and "seed = 3" in out
+
+
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "contrastive", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "pretrain" in out.stdout and "embed" in out.stdout

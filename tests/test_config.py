@@ -17,6 +17,10 @@ def test_override_value_types():
     assert parse_override("optim.grad_clip=null") == (["optim", "grad_clip"], None)
     cfg = apply_overrides(Config(), ["optim.lr=1", "optim.grad_clip=2"])
     assert isinstance(cfg.optim.lr, float) and cfg.optim.grad_clip == 2.0
+    # YAML 1.1 reads 1e-3 as a string; a float field still takes it as the number
+    assert apply_overrides(Config(), ["optim.lr=1e-3"]).optim.lr == 0.001
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'fast'"):
+        apply_overrides(Config(), ["optim.lr=fast"])
 
 
 @pytest.mark.parametrize("override,match", [

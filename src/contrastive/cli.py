@@ -153,7 +153,16 @@ def error_message(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parser().parse_args(argv)
+    p = parser()
+    a, extra = p.parse_known_args(argv)
+    # key=value overrides may come anywhere, also between flags: collect the ones argparse left over
+    unknown = [x for x in extra if x.startswith("-") or "=" not in x]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        if not hasattr(a, "overrides"):
+            p.error(f"{a.command} takes no key=value overrides: {' '.join(extra)}")
+        a.overrides = list(a.overrides) + extra
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

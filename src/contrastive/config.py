@@ -106,7 +106,8 @@ class TrainConfig:
     resume: str | None = _f(None, "Checkpoint to resume from; the run continues exactly where it stopped.")
     log_every: int = _f(10, "Write a metrics.csv row every N optimiser steps.")
     progress: bool = _f(True, "Show a progress bar with loss, learning rate and images/s.")
-    tensorboard: str = _f("auto", "auto: write TensorBoard logs when tensorboard is installed; on; off.")
+    tensorboard: bool | None = _f(None, "Write TensorBoard logs; None: when tensorboard is installed; true: "
+                                  "required (an error when it is missing).")
     max_steps: int | None = _f(None, "Stop after this many optimiser steps (the schedule still spans "
                                "all epochs); for fixed-budget benchmarks.")
     time_budget_s: float | None = _f(None, "Stop after this many seconds of training (the schedule "
@@ -179,6 +180,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot, no exponent sign) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -322,20 +322,18 @@ def _progress(cfg: Config, epoch: int, steps: int):
 class _MetricLogger:
     """metrics.csv (appended across resumes) and, when available or asked for, TensorBoard."""
 
-    def __init__(self, output: Path, tensorboard: str):
+    def __init__(self, output: Path, tensorboard: bool | None):
         self.path = output / "metrics.csv"
         self.file = None
         self.writer = None
         self.fields: list[str] | None = None
-        if tensorboard not in ("auto", "on", "off"):
-            raise ConfigError(f"train.tensorboard={tensorboard!r} is not one of auto, on, off")
-        if tensorboard != "off":
+        if tensorboard is not False:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                if tensorboard == "on":
-                    raise ConfigError("train.tensorboard=on but tensorboard is not installed; "
-                                      "pip install tensorboard, or set train.tensorboard=off") from None
+                if tensorboard:
+                    raise ConfigError("train.tensorboard=true but tensorboard is not installed; "
+                                      "pip install tensorboard, or set train.tensorboard=false") from None
             else:
                 self.writer = SummaryWriter(str(output / "tensorboard"))
 
