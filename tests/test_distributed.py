@@ -80,3 +80,59 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.rank() == 0 and distributed.world_size() == 1 and distributed.is_main()
     assert distributed.gather_with_grad(x) is x
     assert distributed.all_reduce_mean(x) is x
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the whole trainer: a two-process DDP run ends with the weights of the single-process run
+
+# Views made deterministic (full-image crop, no flip or colour), so that which process augments an image does
+# not matter, and a model without batch norm, whose statistics would otherwise be per process.
+DETERMINISTIC = ["views.crop_scale=[1.0,1.0]", "views.crop_ratio=[1.0,1.0]", "views.hflip_p=0",
+                 "views.jitter_p=0", "views.grayscale_p=0", "data.image_size=8", "train.batch_size=64",
+                 "train.epochs=2", "train.progress=false", "train.log_every=1", "optim.warmup_epochs=0.5",
+                 "method.projection_bn=false", "method.projection_dim=8", "train.channels_last=false"]
+
+
+def _run_trainer(output: str) -> None:
+    from contrastive.config import method_config, resolve_config
+    from contrastive.data import load_splits
+    from contrastive.methods import SimCLR
+    from contrastive.training.trainer import Trainer
+
+    cfg = resolve_config(tree={"data": {"name": "digits"}}, overrides=DETERMINISTIC + [f"train.output={output}"])
+    data = load_splits(cfg.data).pretrain
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    Trainer(cfg, SimCLR(backbone, 16, method_config(cfg)), data, output).fit()
+
+
+def _trainer_worker(rank: int, world: int, port: int, output: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        _run_trainer(output)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_trainer_two_processes_equal_one(tmp_path):
+    import socket
+
+    from contrastive.training.checkpoint import load_checkpoint
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_trainer_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, join=True)
+    _run_trainer(str(tmp_path / "single"))
+    ddp, single = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt"), load_checkpoint(tmp_path / "single" / "checkpoint.pt")
+    assert ddp["step"] == single["step"] == 2 * (1437 // 64)
+    for k, v in single["method"].items():
+        torch.testing.assert_close(ddp["method"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+    # the logged losses (the mean over ranks) agree step by step
+    def losses(p):
+        rows = (p / "metrics.csv").read_text().splitlines()
+        col = rows[0].split(",").index("loss")
+        return [float(r.split(",")[col]) for r in rows[1:]]
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)

@@ -154,10 +154,10 @@ def test_extract_features_matches_manual_forward_and_restores_mode():
     assert not feats.requires_grad
 
 
-def test_raw_pixel_features_are_scaled_pixels_in_order():
+def test_raw_pixel_features_are_the_preprocessed_pixels_in_order():
     data = TinyImages(n=7, channels=3, size=2, labelled=False)
-    feats, labels = raw_pixel_features(data, batch_size=3)
-    torch.testing.assert_close(feats, data.images.flatten(1).float() / 255.0)
+    feats, labels = raw_pixel_features(data, preprocess=lambda x: (x.float() - 100.0) / 50.0, batch_size=3)
+    torch.testing.assert_close(feats, (data.images.flatten(1).float() - 100.0) / 50.0)
     assert labels.tolist() == [-1] * 7
 
 

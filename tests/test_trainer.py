@@ -37,6 +37,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     assert a.keys() == b.keys()
     for k in a:  # bitwise, weights and buffers (batch-norm statistics included)
         assert torch.equal(a[k], b[k]), k
+    # the resumed run's log continues the interrupted one: every step once
+    steps = [int(line.split(",")[1]) for line in (tmp_path / "part" / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 34))
     opt_a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["optimizer"]["state"]
     opt_b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")["optimizer"]["state"]
     for k in opt_a:

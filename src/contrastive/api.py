@@ -123,6 +123,7 @@ def evaluate_encoder(encoder: nn.Module, preprocess: Preprocess, train_set, test
     res: dict[str, Any] = {
         "evaluation": {"split": note, "train_images": len(train_set), "test_images": len(test_set),
                        "knn": {"k": e.knn_k, "temperature": e.knn_temperature, "similarity": "cosine"},
+                       "raw_pixel_baseline": "the same kNN on the encoder's input (resized, normalised pixels)",
                        "linear": {"epochs": e.linear_epochs, "lr": e.linear_lr, "optimizer": "adamw",
                                   "features": "frozen, standardised"}},
         "feature_seconds": round(time.perf_counter() - t0, 2),
@@ -138,7 +139,8 @@ def evaluate_encoder(encoder: nn.Module, preprocess: Preprocess, train_set, test
         res["linear_top1"] = probe["top1"]
         res["linear_train_top1"] = probe["train_top1"]
     if e.raw_pixel_baseline and "knn" in protocols:
-        (ptr, _), (pte, _) = raw_pixel_features(train_set), raw_pixel_features(test_set)
+        (ptr, _), (pte, _) = (raw_pixel_features(ds, preprocess=preprocess, batch_size=e.batch_size)
+                              for ds in (train_set, test_set))
         res["raw_pixel_knn_top1"] = knn_top1(ptr, ytr, pte, yte, num_classes=num_classes, k=e.knn_k,
                                              temperature=e.knn_temperature)
     return res

@@ -60,17 +60,16 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels)
 
 
-def raw_pixel_features(dataset: Dataset, *, batch_size: int = 512, num_workers: int = 0
-                       ) -> tuple[Tensor, Tensor]:
-    """Raw pixels as features, the baseline learned features must beat.
+def raw_pixel_features(dataset: Dataset, *, preprocess: Callable[[Tensor], Tensor], batch_size: int = 512,
+                       num_workers: int = 0) -> tuple[Tensor, Tensor]:
+    """The baseline learned features must beat: the encoder's own input, flattened, with no encoder.
 
-    Returns ``(pixels / 255 float32 [N, C*H*W], labels int64 [N])`` in dataset order.
+    ``preprocess`` is the encoder's (resize + per-channel normalisation), so the baseline sees the pixels
+    exactly as the encoder does; centring by the channel means matters for cosine similarity, which on
+    un-centred pixels mostly measures brightness. Returns ``(float32 [N, C*S*S], labels int64 [N])``.
     """
-    feats, labels = [], []
-    for images, batch_labels in _batches(dataset, batch_size, num_workers):
-        feats.append(images.flatten(1).float() / 255.0)
-        labels.append(batch_labels.long())
-    return torch.cat(feats), torch.cat(labels)
+    return extract_features(nn.Flatten(), dataset, preprocess=preprocess, batch_size=batch_size,
+                            num_workers=num_workers)
 
 
 def check_labelled(feats: Tensor, labels: Tensor, *, num_classes: int, role: str) -> None:

@@ -221,7 +221,8 @@ class Trainer:
         self.output.mkdir(parents=True, exist_ok=True)
         if cfg.train.resume:
             self.resume(cfg.train.resume)
-        logger = _MetricLogger(self.output, cfg.train.tensorboard) if distributed.is_main() else None
+        logger = (_MetricLogger(self.output, cfg.train.tensorboard, append=bool(cfg.train.resume))
+                  if distributed.is_main() else None)
         start = time.perf_counter()
         images_seen = 0
         stopped = None
@@ -320,10 +321,13 @@ def _progress(cfg: Config, epoch: int, steps: int):
 
 
 class _MetricLogger:
-    """metrics.csv (appended across resumes) and, when available or asked for, TensorBoard."""
+    """metrics.csv (continued by a resume, started afresh otherwise) and, when available or asked for,
+    TensorBoard."""
 
-    def __init__(self, output: Path, tensorboard: bool | None):
+    def __init__(self, output: Path, tensorboard: bool | None, *, append: bool):
         self.path = output / "metrics.csv"
+        if not append:
+            self.path.unlink(missing_ok=True)
         self.file = None
         self.writer = None
         self.fields: list[str] | None = None
