@@ -3,8 +3,8 @@
 Run: ``.venv/bin/python benchmarks/views_speed.py [--quick]``. Writes benchmarks/results/views_speed.json.
 
 Images are CIFAR-10 training JPEGs when ../shared/data/cifar10-train-jpeg.tar.gz has been unpacked
-(``--cifar-dir``, default /tmp/cifar10/train), upsampled with bicubic for the 96 px case; otherwise random
-uint8 (the JSON says which). An "image" is one input image turned into 2 views. Every number is the
+(``--cifar-dir``, default .bench/cifar10/train, where benchmarks/cifar10_cpu.py unpacks it), upsampled
+with bicubic for the 96 px case; otherwise random uint8 (the JSON says which). An "image" is one input image turned into 2 views. Every number is the
 median over repeats of wall time in this process (the DataLoader case: one epoch with warm workers).
 On a busy shared machine the multi-threaded number collapses (OpenMP threads wait on a taken core);
 the one-thread numbers are the like-for-like comparison.
@@ -102,7 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and images (about 30 s)")
     parser.add_argument("--no-loader", action="store_true", help="skip the 2-worker DataLoader case")
-    parser.add_argument("--cifar-dir", type=Path, default=Path("/tmp/cifar10/train"))
+    parser.add_argument("--cifar-dir", type=Path, default=Path(".bench/cifar10/train"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "views_speed.json")
     args = parser.parse_args()
 

@@ -227,10 +227,12 @@ class Trainer:
         images_seen = 0
         stopped = None
         last_log_t, last_log_images = start, 0
+        bar = _progress(cfg, self.step, self.total_steps)
         try:
             while self.epoch < cfg.train.epochs and stopped is None:
                 self.method.train()
-                bar = _progress(cfg, self.epoch, self.steps_per_epoch)
+                if bar is not None:
+                    bar.set_description(f"epoch {self.epoch + 1}/{cfg.train.epochs}")
                 for batch in self._batches(self.epoch):
                     lr = warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.peak_lr,
                                        self.peak_lr * cfg.optim.min_lr_ratio)
@@ -254,8 +256,6 @@ class Trainer:
                         stopped = f"train.time_budget_s={cfg.train.time_budget_s:g}"
                     if stopped:
                         break
-                if bar is not None:
-                    bar.close()
                 if stopped is None:
                     self.epoch += 1
                     if self.epoch % cfg.train.checkpoint_every == 0 or self.epoch == cfg.train.epochs:
@@ -263,6 +263,8 @@ class Trainer:
             if stopped is not None:
                 self.save()
         finally:
+            if bar is not None:
+                bar.close()
             if logger is not None:
                 logger.close()
         elapsed = time.perf_counter() - start
@@ -312,12 +314,13 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _progress(cfg: Config, epoch: int, steps: int):
+def _progress(cfg: Config, done: int, total: int):
+    """One bar over the run's optimiser steps (a resumed run starts where it stopped)."""
     if not cfg.train.progress or not distributed.is_main():
         return None
     from tqdm import tqdm
 
-    return tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, initial=done, unit="step", dynamic_ncols=True)
 
 
 class _MetricLogger:
