@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import typing
 from pathlib import Path
 
-from contrastive import api
+from contrastive import api, distributed
 from contrastive.config import Config, DataConfig, build_dataclass, method_config, resolve_config, to_dict
 from contrastive.errors import ContrastiveError
 
@@ -91,7 +92,8 @@ def _pretrain(a: argparse.Namespace) -> int:
         _print_config(cfg)
         return 0
     res = api.pretrain(cfg)
-    _report(res, Path(cfg.train.output))
+    if distributed.is_main():  # under torchrun, one report
+        _report(res, Path(cfg.train.output))
     return 0
 
 
@@ -163,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(a, "overrides"):
             p.error(f"{a.command} takes no key=value overrides: {' '.join(extra)}")
         a.overrides = list(a.overrides) + extra
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+    # under torchrun only rank 0 (RANK unset in a single process) logs progress; the others warn only
+    quiet = os.environ.get("RANK", "0") != "0"
+    logging.basicConfig(level=logging.WARNING if quiet else logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return {"pretrain": _pretrain, "eval": _eval, "embed": _embed}[a.command](a)
