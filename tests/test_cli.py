@@ -28,18 +28,18 @@ def test_pretrain_eval_embed_on_digits(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "raw-pixel kNN top-1" in out
 
-    # eval knn on the checkpoint reproduces the pretrain evaluation's kNN exactly
-    assert main(["eval", "knn", "--checkpoint", str(run / "checkpoint.pt"), "--data", "digits",
-                 "--image-size", "16"]) == 0
+    # eval knn on the checkpoint reproduces the pretrain evaluation's kNN exactly (the data is decoded at
+    # the encoder's 16 px by default)
+    assert main(["eval", "knn", "--checkpoint", str(run / "checkpoint.pt"), "--data", "digits"]) == 0
     ev = json.loads((run / "eval-knn" / "results.json").read_text())
     assert ev["knn_top1"] == res["knn_top1"]
     # the plain encoder file gives the same features as the checkpoint
     assert main(["eval", "knn", "--checkpoint", str(run / "encoder.pt"), "--data", "digits",
-                 "--image-size", "16", "--output", str(tmp_path / "ev2")]) == 0
+                 "--output", str(tmp_path / "ev2")]) == 0
     assert json.loads((tmp_path / "ev2" / "results.json").read_text())["knn_top1"] == res["knn_top1"]
 
     feats = tmp_path / "feats.npy"
-    assert main(["embed", "--checkpoint", str(run / "checkpoint.pt"), "--data", "digits", "--image-size", "16",
+    assert main(["embed", "--checkpoint", str(run / "checkpoint.pt"), "--data", "digits",
                  "--output", str(feats)]) == 0
     x, y = np.load(feats), np.load(tmp_path / "feats.labels.npy")
     assert x.shape == (1797, 256) and x.dtype == np.float32 and y.shape == (1797,)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -176,6 +177,7 @@ def evaluate(checkpoint: str | Path, data: DataConfig, *, protocols: tuple[str, 
     The evaluation settings are the checkpoint's run config (defaults for an encoder.pt) with ``overrides``.
     """
     encoder, info = load_encoder(checkpoint)
+    data = _at_encoder_size(data, info["preprocess"])
     cfg = apply_overrides(info["config"] or Config(), list(overrides))
     cfg.data = data
     splits = load_splits(data)
@@ -193,7 +195,7 @@ def embed(checkpoint: str | Path, data: DataConfig, output: str | Path, *, split
           batch_size: int = 512, device: str = "auto") -> dict[str, Any]:
     """Write the frozen backbone's features of a dataset to ``output`` (.npy, labels beside when known)."""
     encoder, info = load_encoder(checkpoint)
-    splits = load_splits(data)
+    splits = load_splits(_at_encoder_size(data, info["preprocess"]))
     parts = {"pretrain": [splits.pretrain], "test": [splits.eval_test],
              "all": [splits.pretrain] + ([splits.eval_test] if splits.eval_test is not None and
                                          splits.eval_test is not splits.pretrain else [])}
@@ -209,6 +211,12 @@ def embed(checkpoint: str | Path, data: DataConfig, output: str | Path, *, split
     paths = save_embeddings(feats, labels, output)
     return {"features": [str(p) for p in paths], "images": int(feats.shape[0]), "dim": int(feats.shape[1]),
             "split": split, "note": splits.note}
+
+
+def _at_encoder_size(data: DataConfig, pre: Preprocess) -> DataConfig:
+    """Decode at the encoder's input size unless data.image_size says otherwise, so a checkpoint sees its
+    evaluation images exactly as it saw its training images."""
+    return data if data.image_size is not None else dataclasses.replace(data, image_size=pre.size)
 
 
 def write_results(results: dict, folder: str | Path) -> Path:
