@@ -80,3 +80,64 @@ def test_epoch_batches_are_seeded_full_and_disjoint():
     assert len(set(flat)) == 96
     assert a == epoch_batches(100, 32, seed=0, epoch=0)
     assert a != epoch_batches(100, 32, seed=0, epoch=1)
+
+
+def _fit(cfg):
+    """Build and train through the Trainer directly, returning it (gradients of the last step kept)."""
+    from contrastive.data import load_splits
+    from contrastive.training.trainer import Trainer
+
+    data = load_splits(cfg.data).pretrain
+    torch.manual_seed(cfg.seed)
+    method, _ = api.build_method(cfg, data.channels, cfg.views.size or data.image_size)
+    trainer = Trainer(cfg, method, data, cfg.train.output)
+    trainer.fit()
+    return trainer
+
+
+def test_gradient_clipping_bounds_the_global_norm(tmp_path):
+    trainer = _fit(_cfg(tmp_path, "train.epochs=1", "train.max_steps=1", "optim.grad_clip=0.01"))
+    grads = [p.grad for p in trainer.method.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    # an unclipped SimCLR gradient is far larger than 0.01, so clipping scales it to exactly the bound
+    assert norm.item() == pytest.approx(0.01, rel=1e-4)
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    trainer = _fit(_cfg(tmp_path, "train.epochs=1", "train.max_steps=2", "train.precision=bf16"))
+    assert trainer.amp_dtype == torch.bfloat16 and trainer.step == 2
+    assert all(torch.isfinite(p).all() for p in trainer.method.parameters())
+
+
+def test_fp16_without_cuda_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="train.precision=fp16 needs a CUDA device"):
+        _fit(_cfg(tmp_path, "train.epochs=1", "train.precision=fp16"))
+
+
+def test_pil_backend_trains_through_the_loader(tmp_path):
+    trainer = _fit(_cfg(tmp_path, "train.epochs=1", "train.max_steps=2", "views.backend=pil", "data.num_workers=0"))
+    assert trainer.step == 2
+    assert (tmp_path / "metrics.csv").read_text().count("\n") == 3  # header + a row per step
+
+
+def test_streaming_folder_skips_and_counts_corrupt_images(tmp_path, caplog):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for side, count in (("train", 8), ("test", 2)):
+        for cls in ("a", "b"):
+            (root / side / cls).mkdir(parents=True)
+            for i in range(count - (side == "train" and cls == "b")):
+                Image.fromarray(np.full((8, 8, 3), 30 * i, np.uint8)).save(root / side / cls / f"{i}.png")
+    (root / "train" / "a" / "9.png").write_bytes(b"not an image")
+    cfg = resolve_config(tree={"data": {"name": str(root)}}, overrides=[
+        "data.in_memory=false", "data.skip_corrupt=true", "data.num_workers=0", "data.image_size=8",
+        "backbone.name=small_cnn", "train.batch_size=4", "train.epochs=1", "train.progress=false",
+        "eval.enabled=false", "method.projection_dim=8", f"train.output={tmp_path / 'run'}"])
+    with caplog.at_level("WARNING", logger="contrastive.train"):
+        trainer = _fit(cfg)
+    # train/ holds 16 files (one corrupt): 4 full batches cover every file once; the corrupt one's batch
+    # trains on its 3 readable images
+    assert trainer.step == 4 and trainer.skipped_images == 1
+    assert "skipped 1 unreadable image" in caplog.text
