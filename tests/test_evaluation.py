@@ -180,3 +180,22 @@ def test_save_embeddings_round_trip(tmp_path):
 def test_save_embeddings_rejects_other_suffix(tmp_path):
     with pytest.raises(DataError, match=r"must end in \.npy"):
         save_embeddings(torch.zeros(2, 2), None, tmp_path / "emb.pt")
+
+
+def test_extract_features_leaves_out_skipped_unreadable_images(caplog):
+    data = TinyImages(n=6, channels=1, size=2, labelled=True)
+
+    class WithHoles(torch.utils.data.Dataset):  # a streaming folder under data.skip_corrupt gives None
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return None if i in (1, 4) else data[i]
+
+    with caplog.at_level("WARNING", logger="contrastive.eval"):
+        feats, labels = extract_features(torch.nn.Flatten(), WithHoles(), preprocess=lambda x: x.float(),
+                                         batch_size=4)
+    keep = [0, 2, 3, 5]
+    torch.testing.assert_close(feats, data.images[keep].flatten(1).float())
+    assert labels.tolist() == data.labels[keep].tolist()
+    assert "skipped 2 unreadable images" in caplog.text

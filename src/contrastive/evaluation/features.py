@@ -6,23 +6,36 @@ dataset order, float32 on the CPU, with their int64 labels, so one extraction se
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from contrastive.data.datasets import collate_skip_corrupt
 from contrastive.errors import DataError
+
+log = logging.getLogger("contrastive.eval")
 
 
 def _batches(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool = False
              ) -> Iterator[tuple[Tensor, Tensor]]:
+    """(images, labels) batches in dataset order; unreadable images of a streaming folder read with
+    data.skip_corrupt (items that are None) are left out and counted in the log."""
     if len(dataset) == 0:
         raise DataError("the dataset to extract features from is empty; check its path and split")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=pin_memory, drop_last=False)
-    for images, labels, _ in loader:
-        yield images, labels
+                        pin_memory=pin_memory, drop_last=False, collate_fn=collate_skip_corrupt)
+    skipped = 0
+    for batch, dropped in loader:
+        skipped += dropped
+        if batch is not None:
+            images, labels, _ = batch
+            yield images, labels
+    if skipped:
+        log.warning("skipped %d unreadable images of %s (data.skip_corrupt=true); they have no features",
+                    skipped, getattr(dataset, "name", type(dataset).__name__))
 
 
 @torch.no_grad()
@@ -42,7 +55,8 @@ def extract_features(
     (Wu et al. 2018, Sec. 3.4); each sub-module's own train/eval mode is restored afterwards.
 
     Returns ``(features float32 [N, D] on the CPU, labels int64 [N])`` in dataset order; an encoder output
-    with more than two dimensions is flattened to ``[B, D]``.
+    with more than two dimensions is flattened to ``[B, D]``. Images skipped as unreadable (streaming
+    folders with data.skip_corrupt) have no row, and the log says how many.
     """
     device = torch.device(device)
     modes = [(m, m.training) for m in encoder.modules()]
