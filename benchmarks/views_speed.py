@@ -4,8 +4,9 @@ Run: ``.venv/bin/python benchmarks/views_speed.py [--quick]``. Writes benchmarks
 
 Images are CIFAR-10 training JPEGs when ../shared/data/cifar10-train-jpeg.tar.gz has been unpacked
 (``--cifar-dir``, default .bench/cifar10/train, where benchmarks/cifar10_cpu.py unpacks it), upsampled
-with bicubic for the 96 px case; otherwise random uint8 (the JSON says which). An "image" is one input image turned into 2 views. Every number is the
-median over repeats of wall time in this process (the DataLoader case: one epoch with warm workers).
+with bicubic for the 96 px case; otherwise random uint8 (the JSON says which). An "image" is one input
+image turned into 2 views. Every number is the median over repeats of wall time in this process (the
+DataLoader case: one epoch with warm workers).
 On a busy shared machine the multi-threaded number collapses (OpenMP threads wait on a taken core);
 the one-thread numbers are the like-for-like comparison.
 """

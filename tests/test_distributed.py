@@ -126,7 +126,8 @@ def test_trainer_two_processes_equal_one(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_trainer_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, join=True)
     _run_trainer(str(tmp_path / "single"))
-    ddp, single = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt"), load_checkpoint(tmp_path / "single" / "checkpoint.pt")
+    ddp = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
+    single = load_checkpoint(tmp_path / "single" / "checkpoint.pt")
     assert ddp["step"] == single["step"] == 2 * (1437 // 64)
     for k, v in single["method"].items():
         torch.testing.assert_close(ddp["method"][k], v, rtol=1e-4, atol=1e-6, msg=k)

@@ -31,7 +31,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     assert part["steps"] == 15 and part["stopped_early"] == "train.max_steps=15"
     ckpt = load_checkpoint(tmp_path / "part" / "checkpoint.pt")
     assert (ckpt["epoch"], ckpt["step"]) == (1, 15)
-    resumed = api.pretrain(_cfg(tmp_path / "part", "train.epochs=3", f"train.resume={tmp_path / 'part' / 'checkpoint.pt'}"))
+    ckpt_path = tmp_path / "part" / "checkpoint.pt"
+    resumed = api.pretrain(_cfg(tmp_path / "part", "train.epochs=3", f"train.resume={ckpt_path}"))
     assert resumed["steps"] == 33
     a, b = _weights(tmp_path / "full" / "checkpoint.pt"), _weights(tmp_path / "part" / "checkpoint.pt")
     assert a.keys() == b.keys()
@@ -112,6 +113,11 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
 def test_fp16_without_cuda_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="train.precision=fp16 needs a CUDA device"):
         _fit(_cfg(tmp_path, "train.epochs=1", "train.precision=fp16"))
+
+
+def test_sync_batchnorm_on_cpu_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="train.sync_batchnorm=true needs CUDA"):
+        _fit(_cfg(tmp_path, "train.epochs=1", "train.sync_batchnorm=true"))
 
 
 def test_pil_backend_trains_through_the_loader(tmp_path):

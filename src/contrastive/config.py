@@ -112,6 +112,9 @@ class TrainConfig:
                                "all epochs); for fixed-budget benchmarks.")
     time_budget_s: float | None = _f(None, "Stop after this many seconds of training (the schedule "
                                      "spans all epochs); for fixed-budget benchmarks. Not resumable exactly.")
+    sync_batchnorm: bool | None = _f(None, "Batch-norm statistics over all processes, SimCLR's 'Global BN' "
+                                     "(Sec. 2.2: per-device BN lets positives be found by local statistics); "
+                                     "None: on for multi-GPU runs. Needs CUDA.")
     channels_last: bool = _f(True, "Use channels-last memory format for convolutions (faster on CPU and GPU).")
     compile: bool = _f(False, "torch.compile the method; pays off on long GPU runs.")
 

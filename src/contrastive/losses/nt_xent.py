@@ -23,7 +23,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     averaging parameter gradients over ranks equals the single-process gradient on the whole batch.
     """
     if z1.shape != z2.shape or z1.ndim != 2:
-        raise ValueError(f"nt_xent expects two [n, d] tensors of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError(f"nt_xent expects two [n, d] tensors of one shape, got {tuple(z1.shape)} and "
+                         f"{tuple(z2.shape)}")
     n = z1.shape[0]
     z1 = F.normalize(z1.float(), dim=1)
     z2 = F.normalize(z2.float(), dim=1)

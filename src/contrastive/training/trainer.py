@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -42,11 +43,15 @@ _RESUME_KEYS = [("method",), ("backbone",), ("data", "name"), ("views",), ("opti
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    """auto: CUDA when available. Under torchrun a bare ``cuda`` means this process's GPU, cuda:LOCAL_RANK."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu or auto")
+    if device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
     return device
 
 
@@ -112,6 +117,8 @@ class Trainer:
         self.dataset = dataset
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
         self.method = method.to(self.device)
+        if self._sync_batchnorm():  # in place: the method object (and its .backbone) stay the caller's
+            self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
         if cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         self.views = make_views(cfg.views, dataset.mean, dataset.std, dataset.channels, dataset.image_size)
@@ -123,12 +130,20 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.model: nn.Module = self.method
         if self.world > 1:
-            self.model = DistributedDataParallel(self.method, device_ids=[self.device] if self.device.type == "cuda" else None)
+            ids = [self.device] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.method, device_ids=ids)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
         self.epoch = 0
         self.step = 0
         self.skipped_images = 0  # unreadable images skipped under data.skip_corrupt (streaming mode)
+
+    def _sync_batchnorm(self) -> bool:
+        want = self.cfg.train.sync_batchnorm
+        if want and self.device.type != "cuda":
+            raise ConfigError("train.sync_batchnorm=true needs CUDA devices (torch's SyncBatchNorm); on CPU "
+                              "processes set it to false or leave it unset")
+        return self.world > 1 and self.device.type == "cuda" and want is not False
 
     # ---------------------------------------------------------------- state
 
