@@ -39,7 +39,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         ddp_loss.backward()
         torch.save({"loss": loss.detach(), "g1": a.grad, "g2": b.grad, "ddp_loss": ddp_loss.detach(),
                     "w_grad": model.weight.grad, "b_grad": model.bias.grad,
-                    "world": distributed.world_size(), "rank": distributed.rank()},
+                    "world": distributed.world_size(), "rank": distributed.rank(),
+                    # one rank raising a stop flag stops every rank
+                    "any": [distributed.any_rank(rank == 1, torch.device("cpu")),
+                            distributed.any_rank(False, torch.device("cpu"))]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -51,6 +54,7 @@ def test_two_processes_equal_one(tmp_path):
     mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     assert [r["world"] for r in ranks] == [2, 2] and [r["rank"] for r in ranks] == [0, 1]
+    assert [r["any"] for r in ranks] == [[True, False], [True, False]]
 
     z1, z2, x = _data()
     a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()

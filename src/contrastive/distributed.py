@@ -64,6 +64,15 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return y / dist.get_world_size()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is True on any rank, so that every rank takes the same branch (stop or go on)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def init_from_env(device: torch.device) -> bool:
     """Join the process group that ``torchrun`` describes in the environment; False when not launched so."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or is_distributed():

@@ -267,8 +267,9 @@ class Trainer:
                             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
                     if cfg.train.max_steps is not None and self.step >= cfg.train.max_steps:
                         stopped = f"train.max_steps={cfg.train.max_steps}"
-                    elif cfg.train.time_budget_s is not None and time.perf_counter() - start >= cfg.train.time_budget_s:
-                        stopped = f"train.time_budget_s={cfg.train.time_budget_s:g}"
+                    elif cfg.train.time_budget_s is not None and distributed.any_rank(
+                            time.perf_counter() - start >= cfg.train.time_budget_s, self.device):
+                        stopped = f"train.time_budget_s={cfg.train.time_budget_s:g}"  # the same step on every rank
                     if stopped:
                         break
                 if stopped is None:
@@ -303,7 +304,8 @@ class Trainer:
                     else nullcontext())
         with autocast:
             out = self.model(views, step=info)
-        if not torch.isfinite(out.loss):
+        # the mean over ranks is non-finite when any rank's loss is, so every rank stops together
+        if not torch.isfinite(distributed.all_reduce_mean(out.loss)):
             raise NonFiniteLossError(
                 f"the loss became {out.loss.item()} at epoch {self.epoch}, step {self.step} (lr {lr:.4g}). "
                 f"Lower optim.lr, set optim.grad_clip (for example 1.0), lengthen optim.warmup_epochs, "
