@@ -90,3 +90,15 @@ def test_overrides_may_stand_between_flags(capsys):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "contrastive", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "pretrain" in out.stdout and "embed" in out.stdout
+
+
+def test_unreadable_checkpoint_is_named(tmp_path, capsys):
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"not a checkpoint")
+    code, err = _err(capsys, ["eval", "knn", "--checkpoint", str(bad), "--data", "digits"])
+    assert code == 2 and str(bad) in err and "cannot be read" in err and "Traceback" not in err
+    import torch
+
+    torch.save({"something": 1}, bad)
+    code, err = _err(capsys, ["eval", "knn", "--checkpoint", str(bad), "--data", "digits"])
+    assert code == 2 and "neither a checkpoint.pt nor an encoder.pt" in err

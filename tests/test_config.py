@@ -30,6 +30,10 @@ def test_override_value_types():
     ("train.epochs=ten", "train.epochs: expected an integer"),
     ("method.name=nope", "unknown method 'nope'"),
     ("optim.lr", "not of the form key=value"),
+    ("train.batch_size=0", "train.batch_size=0 is out of range: it must be >= 1"),
+    ("train.epochs=0", "train.epochs=0 is out of range"),
+    ("optim.lars_eta=0", "optim.lars_eta=0.0 is out of range: it must be > 0"),
+    ("data.holdout=1.5", "data.holdout=1.5 is out of range: it must be below 1"),
 ])
 def test_bad_keys_and_values_name_the_field(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -126,7 +126,8 @@ def test_pil_backend_trains_through_the_loader(tmp_path):
     assert (tmp_path / "metrics.csv").read_text().count("\n") == 3  # header + a row per step
 
 
-def test_streaming_folder_skips_and_counts_corrupt_images(tmp_path, caplog):
+@pytest.mark.parametrize("backend", ["tensor", "pil"])
+def test_streaming_folder_skips_and_counts_corrupt_images(tmp_path, caplog, backend):
     import numpy as np
     from PIL import Image
 
@@ -140,10 +141,41 @@ def test_streaming_folder_skips_and_counts_corrupt_images(tmp_path, caplog):
     cfg = resolve_config(tree={"data": {"name": str(root)}}, overrides=[
         "data.in_memory=false", "data.skip_corrupt=true", "data.num_workers=0", "data.image_size=8",
         "backbone.name=small_cnn", "train.batch_size=4", "train.epochs=1", "train.progress=false",
-        "eval.enabled=false", "method.projection_dim=8", f"train.output={tmp_path / 'run'}"])
+        "eval.enabled=false", "method.projection_dim=8", f"views.backend={backend}",
+        f"train.output={tmp_path / 'run'}"])
     with caplog.at_level("WARNING", logger="contrastive.train"):
         trainer = _fit(cfg)
     # train/ holds 16 files (one corrupt): 4 full batches cover every file once; the corrupt one's batch
     # trains on its 3 readable images
     assert trainer.step == 4 and trainer.skipped_images == 1
     assert "skipped 1 unreadable image" in caplog.text
+
+
+def test_resume_at_max_steps_trains_no_further(tmp_path):
+    api.pretrain(_cfg(tmp_path, "train.epochs=2", "train.max_steps=3"))
+    again = api.pretrain(_cfg(tmp_path, "train.epochs=2", "train.max_steps=3",
+                              f"train.resume={tmp_path / 'checkpoint.pt'}"))
+    assert again["steps"] == 3
+
+
+def test_max_steps_on_an_epoch_end_counts_the_epoch(tmp_path):
+    res = api.pretrain(_cfg(tmp_path, "train.epochs=3", "train.max_steps=11"))  # 11 steps = 1 epoch
+    assert (res["steps"], res["epochs"]) == (11, 1)
+
+
+def test_resume_with_another_split_is_refused(tmp_path):
+    api.pretrain(_cfg(tmp_path, "train.epochs=1", "train.max_steps=1"))
+    with pytest.raises(CheckpointError, match="data was"):
+        api.pretrain(_cfg(tmp_path, "train.epochs=1", "data.split_seed=7",
+                          f"train.resume={tmp_path / 'checkpoint.pt'}"))
+
+
+def test_nt_xent_runs_in_fp32_under_autocast():
+    from contrastive.losses import nt_xent
+
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = nt_xent(z1, z2, 0.1)
+    assert under.dtype == torch.float32
+    assert under.item() == nt_xent(z1, z2, 0.1).item()

@@ -37,7 +37,7 @@ from contrastive.errors import CheckpointError, DataError
 from contrastive.evaluation import extract_features, knn_top1, linear_probe, raw_pixel_features, save_embeddings
 from contrastive.nn.backbones import build_backbone
 from contrastive.registry import lookup
-from contrastive.training.checkpoint import atomic_save, load_checkpoint
+from contrastive.training.checkpoint import atomic_save, is_checkpoint, read_file
 from contrastive.training.trainer import Trainer, resolve_device
 
 log = logging.getLogger("contrastive")
@@ -62,7 +62,9 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     """
     torch.manual_seed(cfg.seed)
     out = Path(cfg.train.output)
-    splits = load_splits(cfg.data)
+    distributed.init_from_env(resolve_device(cfg.train.device))  # under torchrun: rank 0 prepares alone
+    with distributed.main_first():  # a download or a folder decode happens once, then the others read it
+        splits = load_splits(cfg.data)
     train_set = splits.pretrain
     if cfg.eval.enabled and splits.eval_test is None:
         raise DataError(f"{cfg.data.name} has no labels to evaluate with ({splits.note}); pass "
@@ -150,11 +152,8 @@ def evaluate_encoder(encoder: nn.Module, preprocess: Preprocess, train_set, test
 def load_encoder(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the frozen backbone from a checkpoint.pt or encoder.pt; returns (module, info) where info
     holds ``feature_dim``, ``preprocess`` (a Preprocess) and the run's ``config`` when known."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoint.pt or encoder.pt a run wrote")
-    raw = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(raw, dict) and "state_dict" in raw and "preprocess" in raw:  # encoder.pt
+    raw = read_file(path)
+    if isinstance(raw, dict) and {"state_dict", "preprocess", "config", "backbone"} <= set(raw):  # encoder.pt
         from contrastive.config import BackboneConfig
 
         bcfg = build_dataclass(BackboneConfig, raw["config"], "backbone")
@@ -162,7 +161,9 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, dict]:
         module, dim = build_backbone(bcfg, in_channels=pre.channels, image_size=pre.size)
         module.load_state_dict(raw["state_dict"])
         return module.eval(), {"feature_dim": dim, "preprocess": pre, "config": None}
-    ckpt = load_checkpoint(path)
+    if not is_checkpoint(raw):
+        raise CheckpointError(f"{path} is neither a checkpoint.pt nor an encoder.pt written by contrastive")
+    ckpt = raw
     cfg = build_dataclass(Config, ckpt["config"], "")
     pre = Preprocess.from_dict(ckpt["preprocess"])
     method, dim = build_method(cfg, pre.channels, pre.size)

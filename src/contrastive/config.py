@@ -321,7 +321,7 @@ def resolve_config(
         merged = read_yaml(recipe)
     merged = _deep_merge(merged, layer)
     cfg = build_dataclass(Config, merged, "")
-    validate_method_section(cfg)
+    validate(cfg)
     return cfg
 
 
@@ -331,8 +331,33 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     for path, value in (parse_override(o) for o in overrides):
         _set_path(tree, path, value)
     out = build_dataclass(Config, tree, "")
-    validate_method_section(out)
+    validate(out)
     return out
+
+
+# (field, lowest allowed, whether the lowest itself is allowed): values outside fail before any work is done
+_RANGES = [
+    ("train.epochs", 1, True), ("train.batch_size", 1, True), ("train.checkpoint_every", 1, True),
+    ("train.log_every", 1, True), ("train.max_steps", 1, True), ("train.time_budget_s", 0, False),
+    ("optim.lr", 0, True), ("optim.weight_decay", 0, True), ("optim.lars_eta", 0, False),
+    ("optim.warmup_epochs", 0, True), ("optim.min_lr_ratio", 0, True), ("optim.grad_clip", 0, False),
+    ("data.num_workers", 0, True), ("data.image_size", 1, True), ("data.holdout", 0, False),
+    ("eval.knn_k", 1, True), ("eval.knn_temperature", 0, False), ("eval.linear_epochs", 1, True),
+    ("eval.linear_lr", 0, False), ("eval.linear_batch_size", 1, True), ("eval.batch_size", 1, True),
+]
+
+
+def validate(cfg: Config) -> None:
+    """Value ranges of the typed fields, then the method section; a ConfigError names the field."""
+    for key, low, inclusive in _RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and (value < low or (value == low and not inclusive)):
+            bound = f">= {low}" if inclusive else f"> {low}"
+            raise ConfigError(f"{key}={value} is out of range: it must be {bound}")
+    if not cfg.data.holdout < 1:
+        raise ConfigError(f"data.holdout={cfg.data.holdout} is out of range: it must be below 1")
+    validate_method_section(cfg)
 
 
 def validate_method_section(cfg: Config) -> None:

@@ -7,6 +7,8 @@ processes.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -62,6 +64,16 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     y = x.detach().clone()
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y / dist.get_world_size()
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (a download, a file write), the other ranks after it is done."""
+    if is_distributed() and not is_main():
+        dist.barrier()
+    yield
+    if is_distributed() and is_main():
+        dist.barrier()
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -219,8 +219,11 @@ class ViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, i: int) -> tuple[list[Tensor], Any, Any]:
-        image, label, index = self.base[i]
+    def __getitem__(self, i: int) -> tuple[list[Tensor], Any, Any] | None:
+        item = self.base[i]
+        if item is None:  # unreadable under data.skip_corrupt: collate_skip_corrupt drops and counts it
+            return None
+        image, label, index = item
         return self.pil_views(image), label, index
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from contrastive.errors import ConfigError
 from contrastive.losses import nt_xent
 from contrastive.methods.base import MethodSpec, StepInfo, StepOutput
 from contrastive.nn.heads import projection_head
@@ -44,7 +45,7 @@ class SimCLR(nn.Module):
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: SimCLRConfig):
         super().__init__()
         if cfg.projection_layers < 1:
-            raise ValueError("method.projection_layers must be at least 1")
+            raise ConfigError(f"method.projection_layers={cfg.projection_layers}: the head needs at least 1 layer")
         self.cfg = cfg
         self.backbone = backbone
         self.projector = projection_head(
@@ -57,7 +58,7 @@ class SimCLR(nn.Module):
 
     def forward(self, views: list[torch.Tensor], *, step: StepInfo) -> StepOutput:
         if len(views) != 2:
-            raise ValueError(f"SimCLR contrasts exactly 2 views per image, got {len(views)}; set views.n_views=2")
+            raise ConfigError(f"SimCLR contrasts exactly 2 views per image, got {len(views)}; set views.n_views=2")
         n = views[0].shape[0]
         h = self.backbone(torch.cat(views))  # [2n, feature_dim]: one pass, batch norm over both views
         z = self.projector(h)  # [2n, projection_dim]

@@ -42,7 +42,8 @@ def projection_head(
     by making it deeper."
 
     With ``batch_norm`` every layer, the output one included, is followed by BatchNorm, as in SimCLR's
-    code (v1 and v2); the output BN has no affine parameters.
+    code (v1 and v2). The output BN here has no affine parameters; the official code keeps its scale
+    (``center=False`` only), a difference not yet measured.
     """
     if num_layers < 1:
         raise ConfigError(f"a projection head needs at least one layer, got num_layers={num_layers}")

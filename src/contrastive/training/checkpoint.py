@@ -44,8 +44,8 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's device only: a resume may run on fewer GPUs
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -54,20 +54,30 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def read_file(path: str | Path) -> Any:
+    """torch.load of a file a run wrote (checkpoint.pt, encoder.pt), with clear errors for a missing or
+    unreadable one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .pt file a run wrote "
+                              f"(for example runs/latest/checkpoint.pt or runs/latest/encoder.pt)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types for a damaged file
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
+                              f"it may be truncated or not a contrastive checkpoint") from None
+
+
+def is_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FORMAT_VERSION
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint written by the trainer, with a clear error for a missing or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .pt file a run wrote "
-                              f"(for example runs/latest/checkpoint.pt)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises several types for a damaged file
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
-                              f"it may be truncated or not a contrastive checkpoint") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
+    ckpt = read_file(path)
+    if not is_checkpoint(ckpt):
         raise CheckpointError(f"{path} is not a contrastive checkpoint of format {FORMAT_VERSION}")
     return ckpt

@@ -38,8 +38,10 @@ log = logging.getLogger("contrastive.train")
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # checkpoint fields that must match for a resume to continue the same run
-_RESUME_KEYS = [("method",), ("backbone",), ("data", "name"), ("views",), ("optim",), ("seed",),
+_RESUME_KEYS = [("method",), ("backbone",), ("data",), ("views",), ("optim",), ("seed",),
                 ("train", "batch_size"), ("train", "epochs")]
+# data fields that say where or how fast to read, not what: they may change between a run and its resume
+_DATA_OPERATIONAL = {"data_dir", "download", "num_workers"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,6 +113,10 @@ class Trainer:
         if cfg.train.batch_size % self.world:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
                               f"{self.world} processes; make it a multiple")
+        if cfg.data.skip_corrupt and getattr(dataset, "images", None) is None and self.world > 1:
+            raise ConfigError("data.skip_corrupt on a dataset decoded per item (data.in_memory=false) would give "
+                              "the processes unequal batches; use data.in_memory=true, which drops unreadable "
+                              "images once at load time, or fix the files")
         if cfg.train.batch_size > len(dataset):
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the dataset "
                               f"({len(dataset)} images); lower train.batch_size")
@@ -136,6 +142,7 @@ class Trainer:
             self.model = torch.compile(self.model)
         self.epoch = 0
         self.step = 0
+        self.epoch_batch = 0  # index batches of this epoch consumed (trained on, or skipped as unreadable)
         self.skipped_images = 0  # unreadable images skipped under data.skip_corrupt (streaming mode)
 
     def _sync_batchnorm(self) -> bool:
@@ -153,6 +160,7 @@ class Trainer:
             "config": to_dict(self.cfg),
             "epoch": self.epoch,
             "step": self.step,
+            "epoch_batch": self.epoch_batch,
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -167,6 +175,8 @@ class Trainer:
             a, b = ckpt["config"], now
             for k in keys:
                 a, b = a[k], b[k]
+            if keys == ("data",):
+                a, b = ({k: v for k, v in d.items() if k not in _DATA_OPERATIONAL} for d in (a, b))
             if a != b:
                 raise CheckpointError(f"cannot resume from {path}: {'.'.join(keys)} was {a!r} there and is "
                                       f"{b!r} now; resume with the checkpoint's config (its config.yaml)")
@@ -174,7 +184,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
-        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        self.epoch, self.step, self.epoch_batch = ckpt["epoch"], ckpt["step"], ckpt["epoch_batch"]
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
 
     def save(self) -> Path:
@@ -188,12 +198,13 @@ class Trainer:
     def _batches(self, epoch: int) -> Iterator[torch.Tensor | list[torch.Tensor]]:
         """Yield this rank's images of each step: a uint8 batch (tensor views) or a list of views (pil)."""
         index_batches = epoch_batches(len(self.dataset), self.cfg.train.batch_size, self.cfg.seed, epoch)
-        # after a resume from a mid-epoch checkpoint (max_steps, time budget), skip the steps already done
-        index_batches = index_batches[self.step - epoch * self.steps_per_epoch:]
+        # after a resume from a mid-epoch checkpoint (max_steps, time budget), skip the batches already done
+        index_batches = index_batches[self.epoch_batch:]
         images = getattr(self.dataset, "images", None)
         if self.cfg.views.backend == "tensor" and isinstance(images, torch.Tensor):
             # decoded in memory already: index it, no loader processes needed
             for idx in index_batches:
+                self.epoch_batch += 1
                 yield images[torch.tensor(idx)]
             return
         dataset = self.dataset
@@ -208,9 +219,11 @@ class Trainer:
             num_workers=self.cfg.data.num_workers,
             collate_fn=collate_skip_corrupt if skip else None,
             pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch),
+            # worker seeds (and so PIL views) differ per rank and epoch, and repeat with the seed
+            generator=torch.Generator().manual_seed(_step_seed(self.cfg.seed, epoch, distributed.rank())),
         )
         for batch in loader:
+            self.epoch_batch += 1
             if skip:
                 batch, skipped = batch
                 self.skipped_images += skipped
@@ -249,6 +262,11 @@ class Trainer:
                 if bar is not None:
                     bar.set_description(f"epoch {self.epoch + 1}/{cfg.train.epochs}")
                 for batch in self._batches(self.epoch):
+                    if cfg.train.max_steps is not None and self.step >= cfg.train.max_steps:
+                        # checked before a step, so a run resumed at max_steps trains no further
+                        stopped = f"train.max_steps={cfg.train.max_steps}"
+                        self.epoch_batch -= 1  # this batch was drawn but not used
+                        break
                     lr = warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.peak_lr,
                                        self.peak_lr * cfg.optim.min_lr_ratio)
                     metrics = self._train_step(batch, lr)
@@ -265,15 +283,14 @@ class Trainer:
                             logger.write(row)
                         if bar is not None:
                             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
-                    if cfg.train.max_steps is not None and self.step >= cfg.train.max_steps:
-                        stopped = f"train.max_steps={cfg.train.max_steps}"
-                    elif cfg.train.time_budget_s is not None and distributed.any_rank(
+                    if cfg.train.time_budget_s is not None and distributed.any_rank(
                             time.perf_counter() - start >= cfg.train.time_budget_s, self.device):
-                        stopped = f"train.time_budget_s={cfg.train.time_budget_s:g}"  # the same step on every rank
+                        stopped = f"train.time_budget_s={cfg.train.time_budget_s:g}"  # same step, every rank
                     if stopped:
                         break
                 if stopped is None:
                     self.epoch += 1
+                    self.epoch_batch = 0
                     if self.epoch % cfg.train.checkpoint_every == 0 or self.epoch == cfg.train.epochs:
                         self.save()
             if stopped is not None:
