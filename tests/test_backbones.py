@@ -98,7 +98,16 @@ def test_simclr_v2_head_is_three_linears_with_bn_on_every_layer():
     linears = [m for m in head if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(2048, 2048), (2048, 2048), (2048, 128)]
     assert all(m.bias is None for m in linears)  # each is followed by a BN, whose shift replaces the bias
-    assert head[1].affine and not head[-1].affine
+    # the last BN as SimCLR's code has it (center=False, scale=True): a learnable scale, a shift fixed at 0
+    assert head[1].affine and head[-1].weight.requires_grad and not head[-1].bias.requires_grad
+    from contrastive.config import OptimConfig
+    from contrastive.training.optim import build_optimizer
+
+    opt = build_optimizer(head, OptimConfig(name="sgd", weight_decay=0.1), lr=0.5)
+    head.train()
+    head(torch.randn(8, 2048)).pow(2).sum().backward()
+    opt.step()
+    assert torch.equal(head[-1].bias, torch.zeros(128)) and not torch.equal(head[-1].weight, torch.ones(128))
     assert head(torch.randn(4, 2048)).shape == (4, 128)
 
 

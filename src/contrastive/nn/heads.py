@@ -42,10 +42,15 @@ def projection_head(
     by making it deeper."
 
     With ``batch_norm`` every layer, the output one included, is followed by BatchNorm, as in SimCLR's
-    code (v1 and v2). The output BN here has no affine parameters; the official code keeps its scale
-    (``center=False`` only), a difference not yet measured.
+    code (v1 and v2), whose last ``linear_layer(..., use_bias=False, use_bn=True)`` normalises with a
+    learnable scale and no centre (``center=use_bias``): here a BatchNorm1d whose shift is frozen at zero.
     """
     if num_layers < 1:
         raise ConfigError(f"a projection head needs at least one layer, got num_layers={num_layers}")
     dims = [feature_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-    return mlp(dims, batch_norm=batch_norm, last_bn=batch_norm)
+    head = mlp(dims, batch_norm=batch_norm, bias_last=not batch_norm)
+    if batch_norm:
+        out_bn = nn.BatchNorm1d(output_dim)
+        out_bn.bias.requires_grad_(False)  # center=False: the shift stays 0, the scale learns
+        head.append(out_bn)
+    return head
