@@ -57,7 +57,21 @@ def is_labelled(ds: ImageDataset | None) -> bool:
     return ds is not None and ds.classes is not None and len(ds) > 0 and bool((ds.labels >= 0).all())
 
 
-class TensorImages(ImageDataset):
+class MeasuredStats:
+    """``mean``/``std`` read from a ``_stats`` pair ``(mean, std)`` that the dataset computes once, lazily."""
+
+    _stats: tuple[tuple[float, ...], tuple[float, ...]]
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self._stats[0]
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self._stats[1]
+
+
+class TensorImages(MeasuredStats, ImageDataset):
     """Images held as one uint8 tensor ``pixels [N, C, H, H]``, served at ``size`` (resized per item when
     ``H != size``, which lets a dataset defer resizing instead of holding every image at a larger size).
 
@@ -92,14 +106,6 @@ class TensorImages(ImageDataset):
         idx = stats_indices(len(self))
         return channel_stats(resize_images(self.pixels[idx[s : s + 256]], self.image_size)
                              for s in range(0, len(idx), 256))
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        return self._stats[0]
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        return self._stats[1]
 
 
 class Subset(ImageDataset):

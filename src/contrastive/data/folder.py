@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from contrastive.config import DataConfig
-from contrastive.data.datasets import ImageDataset, TensorImages, channel_stats, stats_indices
+from contrastive.data.datasets import ImageDataset, MeasuredStats, TensorImages, channel_stats, stats_indices
 from contrastive.errors import DataError
 
 log = logging.getLogger("contrastive.data")
@@ -115,7 +115,7 @@ def _readable_batches(files: list[Path], size: int, num_workers: int) -> Iterato
             yield torch.stack(images)
 
 
-class FolderImages(ImageDataset):
+class FolderImages(MeasuredStats, ImageDataset):
     """Decodes ``files[i]`` each time item ``i`` is read. An unreadable file raises a DataError naming it,
     or, with ``skip_corrupt``, gives None (batch with ``collate_skip_corrupt``)."""
 
@@ -143,14 +143,6 @@ class FolderImages(ImageDataset):
     def _stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         sample = [self.files[i] for i in stats_indices(len(self)).tolist()]
         return channel_stats(_readable_batches(sample, self.image_size, self.num_workers))
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        return self._stats[0]
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        return self._stats[1]
 
 
 def _first_size(files: list[Path], skip_corrupt: bool) -> int:
