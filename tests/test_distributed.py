@@ -45,7 +45,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                             distributed.any_rank(False, torch.device("cpu"))]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown()
 
 
 @pytest.mark.slow
@@ -116,7 +116,7 @@ def _trainer_worker(rank: int, world: int, port: int, output: str) -> None:
     try:
         _run_trainer(output)
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown()
 
 
 @pytest.mark.slow

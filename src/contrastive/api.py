@@ -61,8 +61,18 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     preprocessing), metrics.csv, results.json. Returns what results.json holds.
     """
     torch.manual_seed(cfg.seed)
+    # under torchrun: join the group now, so that rank 0 prepares the data alone; a group this call
+    # created is also ended here (a caller's own group is left to the caller)
+    started = distributed.init_from_env(resolve_device(cfg.train.device))
+    try:
+        return _pretrain(cfg)
+    finally:
+        if started:
+            distributed.shutdown()
+
+
+def _pretrain(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.train.output)
-    distributed.init_from_env(resolve_device(cfg.train.device))  # under torchrun: rank 0 prepares alone
     with distributed.main_first():  # a download or a folder decode happens once, then the others read it
         splits = load_splits(cfg.data)
     train_set = splits.pretrain

@@ -6,12 +6,26 @@ processes.
 
 from __future__ import annotations
 
+import gc
 import os
+from collections import deque
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+
+# The tensors handed to this module's last few collectives, kept referenced from Python. Gloo's worker
+# threads release a finished operation's tensors on their own; a tensor whose Python object is gone by
+# then needs the GIL to be freed, and if that happens while the interpreter is exiting, the process
+# aborts ("terminate called without an active exception"; pytorch/pytorch#179291). Holding the recent
+# ones here means a worker thread never frees a Python object; older operations finished long ago.
+_recent: deque[torch.Tensor] = deque(maxlen=16)
+
+
+def _hold(*tensors: torch.Tensor) -> None:
+    _recent.extend(tensors)
 
 
 def is_distributed() -> bool:
@@ -40,12 +54,15 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
+        xc = x.contiguous()
+        _hold(xc, *out)
+        dist.all_gather(out, xc)
         return tuple(out)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
         stacked = torch.stack([g.contiguous() for g in grads])  # [W, *x.shape]
+        _hold(stacked)
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
         return stacked[dist.get_rank()]
 
@@ -62,6 +79,7 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x
     y = x.detach().clone()
+    _hold(y)
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y / dist.get_world_size()
 
@@ -81,14 +99,32 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     if not is_distributed():
         return flag
     t = torch.tensor(float(flag), device=device)
+    _hold(t)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
 def init_from_env(device: torch.device) -> bool:
-    """Join the process group that ``torchrun`` describes in the environment; False when not launched so."""
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    True when this call created the group (its caller then owns it and ends it with :func:`shutdown`);
+    False when not launched by torchrun or when a group already exists.
+    """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or is_distributed():
-        return is_distributed()
+        return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
     return True
+
+
+def shutdown() -> None:
+    """Leave the process group for good, before the interpreter exits; a no-op when there is none.
+
+    Collecting garbage first frees what still refers to the group, so that ``destroy_process_group``
+    can join its worker threads. A group that DistributedDataParallel used stays alive in C++ even
+    then (torch 2.14), which is why this module also holds its recent tensors (see ``_recent``).
+    """
+    if not is_distributed():
+        return
+    gc.collect()
+    dist.destroy_process_group()
