@@ -102,7 +102,11 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains ``method`` on ``dataset`` with the config's optimiser, schedule, views and precision."""
+    """Trains ``method`` on ``dataset`` with the config's optimiser, schedule, views and precision.
+
+    Under torchrun it joins the process group if none exists; whoever drives it then ends the group with
+    ``contrastive.distributed.shutdown()`` (``api.pretrain`` does so for the group it started).
+    """
 
     def __init__(self, cfg: Config, method: nn.Module, dataset, output: str | Path):
         self.cfg = cfg
