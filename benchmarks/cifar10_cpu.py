@@ -227,7 +227,7 @@ def run_mode(args: argparse.Namespace, split: Path) -> dict:
 
 def budget(args: argparse.Namespace, cfg: Config) -> dict:
     """What must be equal for two entries to be compared."""
-    return {"recipe": str(RECIPE.relative_to(ROOT)), "backbone": cfg.backbone.name, "epochs": cfg.train.epochs,
+    return {"recipe": str(RECIPE.relative_to(ROOT)), "backbone": cfg.backbone["name"], "epochs": cfg.train.epochs,
             "batch_size": cfg.train.batch_size, "seed": cfg.seed, "threads": args.threads,
             "limit_per_class": args.limit_per_class, "overrides": args.set,
             "split": f"last {HELD_OUT_PER_CLASS} of each class (sorted names) held out as test"

@@ -62,8 +62,8 @@ def test_every_shipped_recipe_resolves_and_takes_a_training_step(name):
     method whose loss is finite and reaches every parameter of backbone and head."""
     import torch
 
-    from contrastive.api import build_method
-    from contrastive.methods.base import StepInfo
+    from contrastive.api import BuildContext, build_method
+    from contrastive.methods.base import Batch, StepInfo
 
     cfg = resolve_config(recipe=recipe_dir() / name)
     method_name = cfg.method["name"]
@@ -72,11 +72,17 @@ def test_every_shipped_recipe_resolves_and_takes_a_training_step(name):
         assert find_recipe(method_name, dataset).name == name
     channels = 1 if ("mnist" in dataset or dataset == "digits") else 3
     size = 64 if dataset == "stl10" else 16
+    n = 8
+    ctx = BuildContext(channels=channels, image_size=size, dataset_size=64, num_classes=10, batch_size=n,
+                       world_size=1, steps_per_epoch=8, epochs=cfg.train.epochs, backbone_section=cfg.backbone)
     torch.manual_seed(0)
-    method, feature_dim = build_method(cfg, channels, size)
-    views = [torch.randn(4, channels, size, size) for _ in range(2)]
-    out = method(views, step=StepInfo(step=0, epoch=0, total_steps=10))
+    method = build_method(cfg, ctx)
+    views = [torch.randn(n, channels, size, size) for _ in range(cfg.views.n_views)]
+    batch = Batch(views=views, index=torch.arange(n), label=torch.arange(n) % 2)
+    info = StepInfo(step=0, epoch=0, total_steps=10, steps_per_epoch=8, epochs=cfg.train.epochs)
+    out = method(batch, step=info)
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.loss.item() > 0
     no_grad = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
     assert no_grad == []
+    method.after_step(out.updates, info)

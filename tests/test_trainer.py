@@ -90,7 +90,7 @@ def _fit(cfg):
 
     data = load_splits(cfg.data).pretrain
     torch.manual_seed(cfg.seed)
-    method, _ = api.build_method(cfg, data.channels, cfg.views.size or data.image_size)
+    method = api.build_method(cfg, api.BuildContext.for_run(cfg, data))
     trainer = Trainer(cfg, method, data, cfg.train.output)
     trainer.fit()
     return trainer

@@ -30,27 +30,28 @@ from contrastive.config import (
     dump_config,
     method_config,
     resolve_config,
+    to_dict,
 )
 from contrastive.data import load_splits
 from contrastive.data.preprocess import Preprocess
 from contrastive.errors import CheckpointError, DataError
 from contrastive.evaluation import extract_features, knn_top1, linear_probe, raw_pixel_features, save_embeddings
-from contrastive.nn.backbones import build_backbone
+from contrastive.methods.base import BuildContext, Method
 from contrastive.registry import lookup
 from contrastive.training.checkpoint import atomic_save, is_checkpoint, read_file
 from contrastive.training.trainer import Trainer, resolve_device
 
 log = logging.getLogger("contrastive")
 
-__all__ = ["Preprocess", "build_method", "embed", "evaluate", "evaluate_encoder", "load_encoder", "pretrain",
-           "resolve_config"]
+__all__ = ["BuildContext", "Preprocess", "build_method", "embed", "evaluate", "evaluate_encoder", "load_encoder",
+           "pretrain", "resolve_config"]
+
+ENCODER_FORMAT = "contrastive-encoder/2"
 
 
-def build_method(cfg: Config, channels: int, image_size: int) -> tuple[nn.Module, int]:
-    """The method module (backbone inside, as ``.backbone``) and the backbone's feature dimension."""
-    backbone, feature_dim = build_backbone(cfg.backbone, in_channels=channels, image_size=image_size)
-    spec = lookup("methods", cfg.method["name"])
-    return spec.build(backbone, feature_dim, method_config(cfg)), feature_dim
+def build_method(cfg: Config, ctx: BuildContext) -> Method:
+    """The method ``cfg.method`` names, built for the run ``ctx`` describes (``BuildContext.for_run``)."""
+    return lookup("methods", cfg.method["name"]).build(ctx, method_config(cfg))
 
 
 def pretrain(cfg: Config) -> dict[str, Any]:
@@ -80,19 +81,20 @@ def _pretrain(cfg: Config) -> dict[str, Any]:
         raise DataError(f"{cfg.data.name} has no labels to evaluate with ({splits.note}); pass "
                         f"--train-data and --test-data with labelled folders, or --no-eval")
     size = cfg.views.size or train_set.image_size
-    method, feature_dim = build_method(cfg, train_set.channels, size)
+    ctx = BuildContext.for_run(cfg, train_set, distributed.world_size())
+    method = build_method(cfg, ctx)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
     log.info("pretraining %s (%s backbone, %d features) on %s: %d images, %s", cfg.method["name"],
-             cfg.backbone.name, feature_dim, cfg.data.name, len(train_set), splits.note)
+             cfg.backbone["name"], method.feature_dim, cfg.data.name, len(train_set), splits.note)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, method, train_set, out)
     fit = trainer.fit()
     preprocess = Preprocess.for_dataset(train_set, size)
     results: dict[str, Any] = {
         "method": cfg.method["name"],
-        "backbone": cfg.backbone.name,
+        "backbone": cfg.backbone["name"],
         "dataset": cfg.data.name,
         "pretrain_images": len(train_set),
         "epochs": fit.epochs_done,
@@ -104,12 +106,10 @@ def _pretrain(cfg: Config) -> dict[str, Any]:
         "checkpoint": str(fit.checkpoint),
     }
     if distributed.is_main():
-        atomic_save({"backbone": cfg.backbone.name, "config": asdict(cfg.backbone), "feature_dim": feature_dim,
-                     "preprocess": asdict(preprocess), "state_dict": method.backbone.state_dict()},
-                    out / "encoder.pt")
+        save_encoder(method, cfg, ctx, preprocess, out / "encoder.pt")
         results["encoder"] = str(out / "encoder.pt")
     if cfg.eval.enabled and distributed.is_main():
-        results.update(evaluate_encoder(method.backbone, preprocess, splits.eval_train, splits.eval_test, cfg,
+        results.update(evaluate_encoder(method.encoder(), preprocess, splits.eval_train, splits.eval_test, cfg,
                                         note=splits.note))
     if distributed.is_main():
         write_results(results, out)
@@ -159,26 +159,58 @@ def evaluate_encoder(encoder: nn.Module, preprocess: Preprocess, train_set, test
     return res
 
 
-def load_encoder(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the frozen backbone from a checkpoint.pt or encoder.pt; returns (module, info) where info
-    holds ``feature_dim``, ``preprocess`` (a Preprocess) and the run's ``config`` when known."""
-    raw = read_file(path)
-    if isinstance(raw, dict) and {"state_dict", "preprocess", "config", "backbone"} <= set(raw):  # encoder.pt
-        from contrastive.config import BackboneConfig
+def save_encoder(method: Method, cfg: Config, ctx: BuildContext, preprocess: Preprocess, path: str | Path) -> Path:
+    """encoder.pt: the evaluated encoder's weights (CPU tensors: the file loads on a machine without a GPU),
+    its input preprocessing, and the run config and build context that rebuild its architecture."""
+    encoder = method.encoder()
+    return atomic_save({"format": ENCODER_FORMAT, "backbone": cfg.backbone["name"], "feature_dim": method.feature_dim,
+                        "preprocess": asdict(preprocess), "config": to_dict(cfg), "context": asdict(ctx),
+                        "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()}}, path)
 
-        bcfg = build_dataclass(BackboneConfig, raw["config"], "backbone")
-        pre = Preprocess.from_dict(raw["preprocess"])
-        module, dim = build_backbone(bcfg, in_channels=pre.channels, image_size=pre.size)
-        module.load_state_dict(raw["state_dict"])
-        return module.eval(), {"feature_dim": dim, "preprocess": pre, "config": None}
+
+def _rebuild(cfg: Config, ctx: BuildContext) -> Method:
+    """The method's modules without allocating them (a memory bank of a million rows costs nothing here);
+    the caller fills them with ``load_state_dict(..., assign=True)``."""
+    with torch.device("meta"):
+        return build_method(cfg, ctx)
+
+
+def _materialised(module: nn.Module, path: str | Path) -> nn.Module:
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{path}: the file has no values for {', '.join(left[:5])}; it was written by "
+                              f"another version of contrastive")
+    return module
+
+
+def load_encoder(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the frozen encoder a method evaluates (``Method.encoder()``) from a checkpoint.pt or
+    encoder.pt; returns (module, info) where info holds ``feature_dim``, ``preprocess`` (a Preprocess)
+    and the run's ``config``."""
+    raw = read_file(path)
+    if isinstance(raw, dict) and raw.get("format") == ENCODER_FORMAT:
+        cfg = build_dataclass(Config, raw["config"], "")
+        method = _rebuild(cfg, BuildContext(**raw["context"]))
+        encoder = method.encoder()
+        try:
+            encoder.load_state_dict(raw["state_dict"], assign=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: the weights do not fit the encoder its config describes ({e})") from None
+        info = {"feature_dim": raw["feature_dim"], "preprocess": Preprocess.from_dict(raw["preprocess"]),
+                "config": cfg}
+        return _materialised(encoder, path).eval(), info
     if not is_checkpoint(raw):
-        raise CheckpointError(f"{path} is neither a checkpoint.pt nor an encoder.pt written by contrastive")
-    ckpt = raw
-    cfg = build_dataclass(Config, ckpt["config"], "")
-    pre = Preprocess.from_dict(ckpt["preprocess"])
-    method, dim = build_method(cfg, pre.channels, pre.size)
-    method.load_state_dict(ckpt["method"])
-    return method.backbone.eval(), {"feature_dim": dim, "preprocess": pre, "config": cfg}
+        raise CheckpointError(f"{path} is neither a checkpoint.pt nor an encoder.pt written by this version of "
+                              f"contrastive")
+    cfg = build_dataclass(Config, raw["config"], "")
+    method = _rebuild(cfg, BuildContext(**raw["context"]))
+    try:
+        method.load_state_dict(raw["method"], assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the weights do not fit the method its config describes ({e})") from None
+    encoder = _materialised(method.encoder(), path)
+    return encoder.eval(), {"feature_dim": method.feature_dim, "preprocess": Preprocess.from_dict(raw["preprocess"]),
+                            "config": cfg}
 
 
 def evaluate(checkpoint: str | Path, data: DataConfig, *, protocols: tuple[str, ...], overrides: list[str] = (),

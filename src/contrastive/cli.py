@@ -16,7 +16,8 @@ import typing
 from pathlib import Path
 
 from contrastive import api, distributed
-from contrastive.config import Config, DataConfig, build_dataclass, method_config, resolve_config, to_dict
+from contrastive.config import (Config, DataConfig, backbone_config, build_dataclass, method_config, resolve_config,
+                                to_dict)
 from contrastive.errors import ContrastiveError
 
 
@@ -139,10 +140,11 @@ def _print_config(cfg: Config) -> None:
                 print(f"{key} = {to_dict(value)!r}\n    {f.metadata.get('help', '')}")
 
     walk(cfg, "")
-    mcfg = method_config(cfg)
-    hints = typing.get_type_hints(type(mcfg))
-    for f in dataclasses.fields(mcfg):
-        print(f"method.{f.name} = {getattr(mcfg, f.name)!r}  ({hints[f.name]})\n    {f.metadata.get('help', '')}")
+    for section, typed in (("method", method_config(cfg)), ("backbone", backbone_config(cfg))):
+        hints = typing.get_type_hints(type(typed))
+        for f in dataclasses.fields(typed):
+            print(f"{section}.{f.name} = {getattr(typed, f.name)!r}  ({hints[f.name]})\n"
+                  f"    {f.metadata.get('help', '')}")
 
 
 def error_message(e: BaseException) -> str:

@@ -1,8 +1,8 @@
 """The typed run configuration: defaults here, then a YAML recipe, then ``key=value`` overrides.
 
 Every field carries a ``help`` string that says why its default is what it is. Unknown keys are an error
-that names them. The method section is open: ``method.name`` picks a registered method, and the other
-keys of that section are checked against that method's own config dataclass.
+that names them. The method and backbone sections are open: ``method.name`` / ``backbone.name`` pick a
+registered part, and the other keys of that section are checked against that part's own config dataclass.
 """
 
 from __future__ import annotations
@@ -73,13 +73,6 @@ class ViewConfig:
 
 
 @dataclass
-class BackboneConfig:
-    name: str = _f("small_cnn", "Backbone: resnet18, resnet34, resnet50, or small_cnn (fast on a CPU).")
-    cifar_stem: bool | None = _f(None, "ResNet stem of a 3x3 stride-1 conv without max-pool, as SimCLR "
-                                 "uses for CIFAR (B.9); None turns it on for images of 64 px or less.")
-
-
-@dataclass
 class OptimConfig:
     name: str = _f("lars", "sgd, adamw or lars; SimCLR trains with LARS (You et al. 2017) for large batches.")
     lr: float = _f(1.0, "Base learning rate before scaling by batch size (see lr_scaling).")
@@ -140,7 +133,8 @@ class Config:
     method: dict = _f({"name": "simclr"}, "Method section: name plus that method's own fields.")
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewConfig = field(default_factory=ViewConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    backbone: dict = _f({"name": "small_cnn"}, "Backbone section: name (resnet18, resnet34, resnet50, small_cnn, "
+                        "...) plus that backbone's own fields.")
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -238,11 +232,18 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
+# Open sections: their fields depend on the part they name, so a layer that names another part replaces the
+# section (the recipe's resnet18 ``cifar_stem`` does not carry over to ``backbone.name=vit_small``).
+_OPEN_SECTIONS = ("method", "backbone")
+
+
+def _deep_merge(base: dict, update: dict, *, top: bool = True) -> dict:
     out = dict(base)
     for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+        old = out.get(k)
+        if isinstance(v, dict) and isinstance(old, dict):
+            renamed = top and k in _OPEN_SECTIONS and "name" in v and v["name"] != old.get("name")
+            out[k] = dict(v) if renamed else _deep_merge(old, v, top=False)
         else:
             out[k] = v
     return out
@@ -269,6 +270,8 @@ def _set_path(tree: dict, path: list[str], value: Any) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
+    if len(path) == 2 and path[0] in _OPEN_SECTIONS and path[1] == "name" and node.get("name", value) != value:
+        node.clear()  # another part: the previous one's fields do not apply to it
     node[path[-1]] = value
 
 
@@ -357,11 +360,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} is out of range: it must be {bound}")
     if not cfg.data.holdout < 1:
         raise ConfigError(f"data.holdout={cfg.data.holdout} is out of range: it must be below 1")
-    validate_method_section(cfg)
+    method_config(cfg)
+    backbone_config(cfg)
 
 
-def validate_method_section(cfg: Config) -> None:
-    """Check ``method`` against the registered method's config dataclass (imports the methods)."""
+def method_config(cfg: Config) -> Any:
+    """The method's own typed config, built from the ``method`` section (unknown keys raise)."""
     from contrastive import methods  # noqa: F401  (fills the registry)
     from contrastive.registry import lookup
 
@@ -369,17 +373,23 @@ def validate_method_section(cfg: Config) -> None:
     name = section.pop("name", None)
     if not isinstance(name, str):
         raise ConfigError("method.name is missing; pick a method, for example method.name=simclr")
-    entry = lookup("methods", name)
-    build_dataclass(entry.config_class, section, "method")
+    return build_dataclass(lookup("methods", name).config_class, section, "method")
 
 
-def method_config(cfg: Config) -> Any:
-    """The method's own typed config, built from the ``method`` section."""
-    from contrastive.registry import lookup
+def backbone_config(cfg: Config) -> Any:
+    """The backbone's own typed config, built from the ``backbone`` section (unknown keys raise)."""
+    from contrastive.nn.backbones import backbone_config as from_section
 
-    section = dict(cfg.method)
-    entry = lookup("methods", section.pop("name"))
-    return build_dataclass(entry.config_class, section, "method")
+    return from_section(cfg.backbone)[1]
+
+
+def resolved_sections(cfg: Config) -> dict:
+    """``cfg`` as a dict whose open sections list every field of their typed config, defaults included,
+    so two configs that differ only in spelling out a default compare equal."""
+    tree = to_dict(cfg)
+    tree["method"] = {"name": cfg.method["name"], **to_dict(method_config(cfg))}
+    tree["backbone"] = {"name": cfg.backbone["name"], **to_dict(backbone_config(cfg))}
+    return tree
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -1,4 +1,7 @@
-"""Rank, world size and all-gather with gradients; every function is a no-op in a single process.
+"""Rank, world size and the collectives methods use; every function is a no-op in a single process.
+
+``gather_with_grad`` (negatives that carry gradients), ``all_gather`` (keys, bank rows: no gradient),
+``all_reduce_sum``, ``all_reduce_mean`` and ``broadcast`` keep state equal on every rank.
 
 The trainer runs under ``torchrun`` (DistributedDataParallel over NCCL or gloo); nothing here starts
 processes.
@@ -72,6 +75,37 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed() or dist.get_world_size() == 1:
         return x
     return torch.cat(_GatherWithGrad.apply(x), dim=0)
+
+
+@torch.no_grad()
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """[n, ...] on each rank -> [world_size * n, ...] in rank order, without gradient (keys to enqueue,
+    features to write into a memory bank); ``x`` itself when single."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    xc = x.contiguous()
+    _hold(xc, *out)
+    dist.all_gather(out, xc)
+    return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks of ``x``, in place (a statistic every rank must agree on); ``x`` itself when single."""
+    if is_distributed() and dist.get_world_size() > 1:
+        _hold(x)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+@torch.no_grad()
+def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """``x`` overwritten in place by rank ``src``'s value; ``x`` itself when single."""
+    if is_distributed() and dist.get_world_size() > 1:
+        _hold(x)
+        dist.broadcast(x, src=src)
+    return x
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

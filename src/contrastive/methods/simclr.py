@@ -15,7 +15,7 @@ from torch import nn
 
 from contrastive.errors import ConfigError
 from contrastive.losses import nt_xent
-from contrastive.methods.base import MethodSpec, StepInfo, StepOutput
+from contrastive.methods.base import Batch, BuildContext, Method, MethodSpec, StepInfo, StepOutput
 from contrastive.nn.heads import projection_head
 from contrastive.registry import register
 
@@ -39,7 +39,7 @@ class SimCLRV2Config(SimCLRConfig):
                                    "deeper' (SimCLR v2, Sec 2)."})
 
 
-class SimCLR(nn.Module):
+class SimCLR(Method):
     """Backbone f, projection head g, and NT-Xent between the two views of every image."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: SimCLRConfig):
@@ -47,6 +47,7 @@ class SimCLR(nn.Module):
         if cfg.projection_layers < 1:
             raise ConfigError(f"method.projection_layers={cfg.projection_layers}: the head needs at least 1 layer")
         self.cfg = cfg
+        self.feature_dim = feature_dim
         self.backbone = backbone
         self.projector = projection_head(
             feature_dim,
@@ -56,22 +57,18 @@ class SimCLR(nn.Module):
             cfg.projection_bn,
         )
 
-    def forward(self, views: list[torch.Tensor], *, step: StepInfo) -> StepOutput:
+    def forward(self, batch: Batch, *, step: StepInfo) -> StepOutput:
+        views = batch.views
         if len(views) != 2:
             raise ConfigError(f"SimCLR contrasts exactly 2 views per image, got {len(views)}; set views.n_views=2")
         n = views[0].shape[0]
         h = self.backbone(torch.cat(views))  # [2n, feature_dim]: one pass, batch norm over both views
         z = self.projector(h)  # [2n, projection_dim]
-        loss = nt_xent(z[:n], z[n:], self.cfg.temperature)
-        return StepOutput(loss=loss, metrics={"loss": loss.detach()})
-
-    @torch.no_grad()
-    def after_step(self, step: StepInfo) -> None:
-        """SimCLR keeps no state outside its weights."""
+        return StepOutput(loss=nt_xent(z[:n], z[n:], self.cfg.temperature))
 
 
-def _build(backbone: nn.Module, feature_dim: int, cfg: SimCLRConfig) -> SimCLR:
-    return SimCLR(backbone, feature_dim, cfg)
+def _build(ctx: BuildContext, cfg: SimCLRConfig) -> SimCLR:
+    return SimCLR(*ctx.build_backbone(), cfg)
 
 
 register("methods", "simclr")(MethodSpec(config_class=SimCLRConfig, build=_build))

@@ -1,6 +1,7 @@
 """Backbones: image encoders f(.) mapping [B, C, H, W] float images to pooled features [B, feature_dim].
 
-Each is registered under its config name (``backbone.name``) as a builder
+Each is registered under its config name (``backbone.name``) as a :class:`BackboneSpec`: its own typed
+config (the other keys of the ``backbone:`` section, as ``method:`` works) and a builder
 ``(cfg, in_channels, image_size) -> (module, feature_dim)``; :func:`build_backbone` is the one entry point.
 No classifier is attached, and no weights are ever downloaded: self-supervised pretraining starts from
 random initialisation.
@@ -8,24 +9,52 @@ random initialisation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
 import torch
 from torch import nn
 from torchvision import models
 
-from contrastive.config import BackboneConfig
+from contrastive.config import build_dataclass
+from contrastive.errors import ConfigError
 from contrastive.registry import lookup, register
 
 
-def build_backbone(cfg: BackboneConfig, *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
-    """The backbone named by ``cfg.name`` and its feature dimension.
+@dataclass(frozen=True)
+class BackboneSpec:
+    config_class: type
+    build: Callable[..., tuple[nn.Module, int]]
+
+
+def backbone_config(section: Mapping[str, Any]) -> tuple[str, Any]:
+    """``{"name": ..., **fields}`` -> (name, that backbone's typed config); unknown keys raise."""
+    fields = dict(section)
+    name = fields.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError("backbone.name is missing; pick a backbone, for example backbone.name=resnet18")
+    return name, build_dataclass(lookup("backbones", name).config_class, fields, "backbone")
+
+
+def build_backbone(section: Mapping[str, Any], *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+    """The backbone that ``section`` (the ``backbone:`` config: name plus its own fields) names, and its
+    feature dimension.
 
     The module maps [B, in_channels, H, W] float -> [B, feature_dim]. An unknown name raises a ConfigError
     listing the registered backbones.
     """
-    return lookup("backbones", cfg.name)(cfg, in_channels=in_channels, image_size=image_size)
+    name, cfg = backbone_config(section)
+    return lookup("backbones", name).build(cfg, in_channels=in_channels, image_size=image_size)
 
 
-def uses_cifar_stem(cfg: BackboneConfig, image_size: int) -> bool:
+@dataclass
+class ConvNetConfig:
+    cifar_stem: bool | None = field(default=None, metadata={"help": "A stem that keeps the resolution (ResNet: "
+                                    "3x3 stride-1 conv without max-pool, as SimCLR uses for CIFAR, B.9); None "
+                                    "turns it on for images of 64 px or less."})
+
+
+def uses_cifar_stem(cfg: ConvNetConfig, image_size: int) -> bool:
     """Whether the small-image stem applies: ``cfg.cifar_stem``, or when None, images of 64 px or less.
 
     A 7x7 stride-2 conv plus max-pool would shrink a 32 px image to 8 px before the first block; SimCLR
@@ -34,7 +63,7 @@ def uses_cifar_stem(cfg: BackboneConfig, image_size: int) -> bool:
     return cfg.cifar_stem if cfg.cifar_stem is not None else image_size <= 64
 
 
-def _resnet(arch: str, cfg: BackboneConfig, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+def _resnet(arch: str, cfg: ConvNetConfig, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
     # zero_init_residual: the last BN of each residual block starts at gamma = 0 so every block starts as
     # the identity (Goyal et al. 2017, Sec. 5.1), as SimCLR's and MoCo v3's ResNets do.
     net = getattr(models, arch)(weights=None, zero_init_residual=True)
@@ -52,20 +81,17 @@ def _resnet(arch: str, cfg: BackboneConfig, in_channels: int, image_size: int) -
     return net, feature_dim
 
 
-@register("backbones", "resnet18")
-def resnet18(cfg: BackboneConfig, *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+def resnet18(cfg: ConvNetConfig, *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
     """ResNet-18 (He et al. 2016) without its classifier: [B, C, H, W] -> [B, 512]."""
     return _resnet("resnet18", cfg, in_channels, image_size)
 
 
-@register("backbones", "resnet34")
-def resnet34(cfg: BackboneConfig, *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+def resnet34(cfg: ConvNetConfig, *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
     """ResNet-34 (He et al. 2016) without its classifier: [B, C, H, W] -> [B, 512]."""
     return _resnet("resnet34", cfg, in_channels, image_size)
 
 
-@register("backbones", "resnet50")
-def resnet50(cfg: BackboneConfig, *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+def resnet50(cfg: ConvNetConfig, *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
     """ResNet-50 (He et al. 2016), SimCLR's main encoder, without its classifier: [B, C, H, W] -> [B, 2048]."""
     return _resnet("resnet50", cfg, in_channels, image_size)
 
@@ -103,8 +129,12 @@ class SmallCNN(nn.Module):
         return self.pool(self.features(x)).flatten(1)
 
 
-@register("backbones", "small_cnn")
-def small_cnn(cfg: BackboneConfig, *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+def small_cnn(cfg: ConvNetConfig, *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
     """:class:`SmallCNN`: [B, C, H, W] -> [B, 256]; trains at hundreds of 32 px images/s on two CPU cores."""
     net = SmallCNN(in_channels, first_stride=1 if uses_cifar_stem(cfg, image_size) else 2)
     return net, net.feature_dim
+
+
+for _name, _build in (("resnet18", resnet18), ("resnet34", resnet34), ("resnet50", resnet50),
+                      ("small_cnn", small_cnn)):
+    register("backbones", _name)(BackboneSpec(ConvNetConfig, _build))

@@ -8,6 +8,7 @@ states, so that resuming continues exactly as if the run had never stopped.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from contrastive.errors import CheckpointError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: weights-only contents, method state from the widened method contract
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
@@ -43,29 +44,46 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():  # this process's device only: a resume may run on fewer GPUs
+    """The global generators' states as tensors, numbers and tuples only (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this process's device only
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
 def read_file(path: str | Path) -> Any:
-    """torch.load of a file a run wrote (checkpoint.pt, encoder.pt), with clear errors for a missing or
-    unreadable one."""
+    """Load a file a run wrote (checkpoint.pt, encoder.pt) with ``weights_only=True``: tensors, numbers,
+    strings and plain containers only, so a file from elsewhere cannot run code while it is read.
+    Clear errors for a missing, unreadable or unsafe file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .pt file a run wrote "
                               f"(for example runs/latest/checkpoint.pt or runs/latest/encoder.pt)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        if not refused:
+            raise CheckpointError(f"checkpoint {path} cannot be read (it is not a PyTorch file: "
+                                  f"{type(e).__name__}); it may be truncated or not a contrastive checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint {path} was not loaded: it holds objects other than tensors, numbers, strings and plain "
+            f"containers, and unpickling them could run code ({refused[0]}). contrastive never writes such "
+            f"files; if you trust their source, convert them yourself with torch.load(path, weights_only=False)"
+        ) from None
     except Exception as e:  # torch raises several types for a damaged file
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
                               f"it may be truncated or not a contrastive checkpoint") from None

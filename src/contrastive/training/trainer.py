@@ -2,8 +2,10 @@
 
 Plain PyTorch with DistributedDataParallel (see docs/ARCHITECTURE.md for why not Lightning). Every
 random choice of a step is a function of (seed, epoch, step, rank): the data order of an epoch comes
-from a generator seeded by (seed, epoch), the views of a step from one seeded by (seed, step, rank).
-Resuming from a checkpoint therefore continues bitwise-identically on the CPU.
+from a generator seeded by (seed, epoch), the views of a step from one seeded by (seed, step, rank), the
+method's draws from ``StepInfo.generator``, and torch's global generator (dropout) is reseeded by
+(seed, step, rank) before every step. Resuming from a checkpoint therefore continues bitwise-identically
+on the CPU, and no two ranks share a dropout mask.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from contrastive import distributed
-from contrastive.config import Config, to_dict
+from contrastive.config import Config, build_dataclass, resolved_sections, to_dict
 from contrastive.data import collate_skip_corrupt
 from contrastive.data.preprocess import Preprocess
 from contrastive.data.views import make_views
 from contrastive.errors import CheckpointError, ConfigError, NonFiniteLossError
-from contrastive.methods.base import StepInfo
+from contrastive.methods.base import STREAM_GLOBAL, Batch, BuildContext, Method, StepInfo, StepOutput, step_seed
 from contrastive.training.checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
 from contrastive.training.optim import build_optimizer
 from contrastive.training.schedules import scaled_lr, warmup_cosine
@@ -73,10 +75,6 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     raise ConfigError(f"train.precision={name!r} is not one of auto, fp32, bf16, fp16")
 
 
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return ((seed * 1_000_003 + step) * 4096 + rank) % (2**63)
-
-
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """This rank's index batches for one epoch: a permutation seeded by (seed, epoch), full global
     batches only (SimCLR's loss depends on the batch size), each split evenly over the ranks."""
@@ -108,7 +106,7 @@ class Trainer:
     ``contrastive.distributed.shutdown()`` (``api.pretrain`` does so for the group it started).
     """
 
-    def __init__(self, cfg: Config, method: nn.Module, dataset, output: str | Path):
+    def __init__(self, cfg: Config, method: Method, dataset, output: str | Path):
         self.cfg = cfg
         self.output = Path(output)
         self.device = resolve_device(cfg.train.device)
@@ -125,10 +123,11 @@ class Trainer:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the dataset "
                               f"({len(dataset)} images); lower train.batch_size")
         self.dataset = dataset
+        self.context = BuildContext.for_run(cfg, dataset, self.world)  # saved, so the method can be rebuilt
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
         self.method = method.to(self.device)
-        if self._sync_batchnorm():  # in place: the method object (and its .backbone) stay the caller's
-            self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+        if self._sync_batchnorm():  # in place, where the method wants it: the method object stays the caller's
+            self.method.sync_batchnorm()
         if cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         self.views = make_views(cfg.views, dataset.mean, dataset.std, dataset.channels, dataset.image_size)
@@ -141,7 +140,7 @@ class Trainer:
         self.model: nn.Module = self.method
         if self.world > 1:
             ids = [self.device] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.method, device_ids=ids)
+            self.model = DistributedDataParallel(self.method, device_ids=ids, **self.method.ddp_options)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
         self.epoch = 0
@@ -170,13 +169,18 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "preprocess": asdict(Preprocess.for_dataset(self.dataset, self.cfg.views.size)),
+            "context": asdict(self.context),
         }
 
     def resume(self, path: str | Path) -> None:
         ckpt = load_checkpoint(path)
-        now = to_dict(self.cfg)
+        now = resolved_sections(self.cfg)
+        try:
+            then = resolved_sections(build_dataclass(Config, ckpt["config"], ""))
+        except ConfigError as e:
+            raise CheckpointError(f"cannot resume from {path}: its config no longer validates ({e})") from None
         for keys in _RESUME_KEYS:
-            a, b = ckpt["config"], now
+            a, b = then, now
             for k in keys:
                 a, b = a[k], b[k]
             if keys == ("data",):
@@ -199,17 +203,20 @@ class Trainer:
 
     # ---------------------------------------------------------------- data
 
-    def _batches(self, epoch: int) -> Iterator[torch.Tensor | list[torch.Tensor]]:
-        """Yield this rank's images of each step: a uint8 batch (tensor views) or a list of views (pil)."""
+    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, torch.Tensor]]:
+        """Yield this rank's share of each step: (a uint8 batch (tensor views) or a list of views (pil),
+        dataset indices [n], labels [n])."""
         index_batches = epoch_batches(len(self.dataset), self.cfg.train.batch_size, self.cfg.seed, epoch)
         # after a resume from a mid-epoch checkpoint (max_steps, time budget), skip the batches already done
         index_batches = index_batches[self.epoch_batch:]
         images = getattr(self.dataset, "images", None)
         if self.cfg.views.backend == "tensor" and isinstance(images, torch.Tensor):
             # decoded in memory already: index it, no loader processes needed
+            labels = self.dataset.labels
             for idx in index_batches:
                 self.epoch_batch += 1
-                yield images[torch.tensor(idx)]
+                index = torch.tensor(idx)
+                yield images[index], index, labels[index]
             return
         dataset = self.dataset
         if self.cfg.views.backend == "pil":
@@ -224,7 +231,7 @@ class Trainer:
             collate_fn=collate_skip_corrupt if skip else None,
             pin_memory=self.device.type == "cuda",
             # worker seeds (and so PIL views) differ per rank and epoch, and repeat with the seed
-            generator=torch.Generator().manual_seed(_step_seed(self.cfg.seed, epoch, distributed.rank())),
+            generator=torch.Generator().manual_seed(step_seed(self.cfg.seed, epoch, distributed.rank())),
         )
         for batch in loader:
             self.epoch_batch += 1
@@ -233,18 +240,20 @@ class Trainer:
                 self.skipped_images += skipped
                 if batch is None:  # every image of this batch was unreadable
                     continue
-            yield batch[0]
+            images, labels, index = batch
+            yield images, index, labels
 
-    def _views(self, batch) -> list[torch.Tensor]:
+    def _batch(self, images, index: torch.Tensor, labels: torch.Tensor) -> Batch:
         if self.cfg.views.backend == "pil":
-            views = [v.to(self.device, non_blocking=True) for v in batch]
+            views = [v.to(self.device, non_blocking=True) for v in images]
         else:
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(_step_seed(self.cfg.seed, self.step, distributed.rank()))
-            views = self.views(batch.to(self.device, non_blocking=True), gen)
+            gen.manual_seed(step_seed(self.cfg.seed, self.step, distributed.rank()))
+            views = self.views(images.to(self.device, non_blocking=True), gen)
         if self.cfg.train.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        return views
+        return Batch(views=views, index=index.to(self.device, non_blocking=True),
+                     label=labels.to(self.device, non_blocking=True))
 
     # ---------------------------------------------------------------- loop
 
@@ -261,11 +270,12 @@ class Trainer:
         last_log_t, last_log_images = start, 0
         bar = _progress(cfg, self.step, self.total_steps)
         try:
+            # once: a method that keeps a frozen part in eval mode overrides train() to say so
+            self.method.train()
             while self.epoch < cfg.train.epochs and stopped is None:
-                self.method.train()
                 if bar is not None:
                     bar.set_description(f"epoch {self.epoch + 1}/{cfg.train.epochs}")
-                for batch in self._batches(self.epoch):
+                for images, index, labels in self._batches(self.epoch):
                     if cfg.train.max_steps is not None and self.step >= cfg.train.max_steps:
                         # checked before a step, so a run resumed at max_steps trains no further
                         stopped = f"train.max_steps={cfg.train.max_steps}"
@@ -273,7 +283,7 @@ class Trainer:
                         break
                     lr = warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.peak_lr,
                                        self.peak_lr * cfg.optim.min_lr_ratio)
-                    metrics = self._train_step(batch, lr)
+                    out = self._train_step(images, index, labels, lr)
                     images_seen += cfg.train.batch_size
                     if bar is not None:
                         bar.update(1)
@@ -281,6 +291,7 @@ class Trainer:
                         now = time.perf_counter()
                         ips = (images_seen - last_log_images) / max(now - last_log_t, 1e-9)
                         last_log_t, last_log_images = now, images_seen
+                        metrics = {"loss": out.loss.detach(), **out.metrics}
                         row = {"epoch": self.epoch, "step": self.step, "lr": lr, "images_per_s": ips,
                                **{k: distributed.all_reduce_mean(v).item() for k, v in metrics.items()}}
                         if logger is not None:
@@ -316,15 +327,22 @@ class Trainer:
             checkpoint=self.output / CHECKPOINT_NAME,
         )
 
-    def _train_step(self, batch, lr: float) -> dict[str, torch.Tensor]:
+    def step_info(self) -> StepInfo:
+        return StepInfo(step=self.step, epoch=self.epoch, total_steps=self.total_steps,
+                        steps_per_epoch=self.steps_per_epoch, epochs=self.cfg.train.epochs, seed=self.cfg.seed,
+                        rank=distributed.rank())
+
+    def _train_step(self, images, index: torch.Tensor, labels: torch.Tensor, lr: float) -> StepOutput:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        info = StepInfo(step=self.step, epoch=self.epoch, total_steps=self.total_steps)
-        views = self._views(batch)
+        info = self.step_info()
+        batch = self._batch(images, index, labels)
+        # dropout and any other use of the global generator: a function of (seed, step, rank)
+        torch.manual_seed(step_seed(self.cfg.seed, self.step, distributed.rank(), STREAM_GLOBAL))
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                     else nullcontext())
         with autocast:
-            out = self.model(views, step=info)
+            out = self.model(batch, step=info)
         # the mean over ranks is non-finite when any rank's loss is, so every rank stops together
         if not torch.isfinite(distributed.all_reduce_mean(out.loss)):
             raise NonFiniteLossError(
@@ -336,12 +354,15 @@ class Trainer:
         self.scaler.scale(out.loss).backward()
         if self.cfg.optim.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
+        self.method.before_optimizer_step(info)
+        if self.cfg.optim.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.method.after_step(info)
+        with torch.no_grad():
+            self.method.after_step({k: v.detach() for k, v in out.updates.items()}, info)
         self.step += 1
-        return out.metrics
+        return out
 
 
 def peak_memory_mb(device: torch.device) -> float:
