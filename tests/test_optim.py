@@ -9,7 +9,7 @@ from contrastive.config import OptimConfig
 from contrastive.errors import ConfigError
 from contrastive.training.lars import LARS
 from contrastive.training.optim import build_optimizer, param_groups
-from contrastive.training.schedules import cosine, scaled_lr, warmup_cosine
+from contrastive.training.schedules import cosine, lr_at, scaled_lr, warmup_cosine, warmup_step
 
 # --------------------------------------------------------------------------------------------------
 # schedules: 10 warm-up steps, then a 91-step cosine (steps 10..100) whose middle is step 55
@@ -44,6 +44,18 @@ def test_cosine():
     assert cosine(5, 11, 0.996, 1.0) == pytest.approx(0.998)
     assert cosine(10, 11, 0.996, 1.0) == 1.0
     assert cosine(0, 1, 0.996, 1.0) == 1.0
+
+
+def test_step_schedule_multiplies_by_gamma_at_each_milestone():
+    # MoCo v1 / InstDisc: lr 0.03, x0.1 at epochs 120 and 160; 10 steps an epoch, no warm-up
+    cfg = OptimConfig(lr=0.03, schedule="step", milestones=[120, 160], gamma=0.1, warmup_epochs=0)
+    lr = lambda s: lr_at(s, total_steps=2000, steps_per_epoch=10, optim=cfg, peak=0.03)  # noqa: E731
+    assert [lr(0), lr(1199)] == [0.03, 0.03]
+    assert lr(1200) == pytest.approx(0.003) and lr(1599) == pytest.approx(0.003)
+    assert lr(1600) == pytest.approx(0.0003) and lr(1999) == pytest.approx(0.0003)
+    assert warmup_step(4, 10, 1.0, [20], 0.1) == pytest.approx(0.5)  # warm-up as warmup_cosine's
+    cos = OptimConfig(warmup_epochs=1, min_lr_ratio=0.1)
+    assert lr_at(55, total_steps=101, steps_per_epoch=10, optim=cos, peak=1.0) == pytest.approx(0.55)
 
 
 def test_scaled_lr():

@@ -227,6 +227,8 @@ def test_eval_preprocess():
     ({"crop_scale": [0.5, 1.2]}, "views.crop_scale"),
     ({"n_views": 0}, "views.n_views"),
     ({"jitter_p": 1.5}, "views.jitter_p"),
+    ({"jitter": [0.4, 0.4, 0.4]}, "views.jitter"),
+    ({"jitter": [0.4, 0.4, 0.4, 0.6]}, "views.jitter"),
     ({"grayscale_p": -0.1}, "views.grayscale_p"),
     ({"blur_sigma": [2.0, 0.1]}, "views.blur_sigma"),
 ])

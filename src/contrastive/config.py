@@ -64,6 +64,9 @@ class ViewConfig:
     jitter_p: float = _f(0.8, "Colour jitter probability; 0.8 in SimCLR Appendix A.")
     jitter_strength: float = _f(1.0, "Colour distortion strength s: brightness, contrast, saturation "
                                 "0.8s and hue 0.2s (SimCLR Appendix A; s=0.5 for CIFAR-10, B.9).")
+    jitter: list | None = _f(None, "Colour jitter amounts [brightness, contrast, saturation, hue] as torchvision's "
+                             "ColorJitter takes them, for recipes not written in SimCLR's s (InstDisc and MoCo v1: "
+                             "[0.4, 0.4, 0.4, 0.4]); None: from jitter_strength.")
     grayscale_p: float = _f(0.2, "Random grayscale probability; 0.2 in SimCLR Appendix A.")
     blur_p: float = _f(0.0, "Gaussian blur probability; SimCLR uses 0.5 on ImageNet and none on CIFAR-10.")
     blur_sigma: list = _f([0.1, 2.0], "Blur sigma range in pixels of a 224 image, scaled by size/224; "
@@ -85,6 +88,10 @@ class OptimConfig:
     lars_eta: float = _f(0.001, "LARS trust coefficient (You et al. 2017).")
     warmup_epochs: float = _f(10.0, "Linear warm-up length in epochs before the cosine decay (SimCLR B.1).")
     min_lr_ratio: float = _f(0.0, "Final learning rate as a fraction of the peak; SimCLR decays to 0.")
+    schedule: str = _f("cosine", "After the warm-up: cosine (SimCLR, MoCo v2) decays to min_lr_ratio; step "
+                       "multiplies by gamma at each milestone epoch (InstDisc, MoCo v1: x0.1 at 120 and 160).")
+    milestones: list = _f([120, 160], "Epochs at which the step schedule multiplies the learning rate by gamma.")
+    gamma: float = _f(0.1, "Factor of the step schedule at each milestone.")
     grad_clip: float | None = _f(None, "Clip the global gradient norm to this value; None: no clipping.")
 
 
@@ -358,6 +365,12 @@ def validate(cfg: Config) -> None:
         if value is not None and (value < low or (value == low and not inclusive)):
             bound = f">= {low}" if inclusive else f"> {low}"
             raise ConfigError(f"{key}={value} is out of range: it must be {bound}")
+    if cfg.optim.schedule not in ("cosine", "step"):
+        raise ConfigError(f"optim.schedule={cfg.optim.schedule!r}: choose cosine or step")
+    if not 0 < cfg.optim.gamma <= 1:
+        raise ConfigError(f"optim.gamma={cfg.optim.gamma} is out of range: it must lie in (0, 1]")
+    if not all(isinstance(m, (int, float)) and m >= 0 for m in cfg.optim.milestones):
+        raise ConfigError(f"optim.milestones={cfg.optim.milestones!r}: expected a list of epochs >= 0")
     if not cfg.data.holdout < 1:
         raise ConfigError(f"data.holdout={cfg.data.holdout} is out of range: it must be below 1")
     method_config(cfg)

@@ -71,8 +71,23 @@ def check_view_config(cfg: ViewConfig) -> None:
     if not 0.0 <= cfg.jitter_strength <= 2.5:
         raise ConfigError(f"views.jitter_strength: expected s in [0, 2.5] (hue 0.2 s <= 0.5), "
                           f"got {cfg.jitter_strength!r}")
+    if cfg.jitter is not None:
+        j = cfg.jitter
+        ok = (isinstance(j, (list, tuple)) and len(j) == 4 and all(isinstance(v, (int, float)) for v in j)
+              and min(j[:3]) >= 0 and 0 <= j[3] <= 0.5)
+        if not ok:
+            raise ConfigError(f"views.jitter: expected [brightness, contrast, saturation, hue], the first three "
+                              f">= 0 and hue in [0, 0.5]; got {j!r}")
     if not 0.0 <= cfg.blur_kernel_frac <= 1.0:
         raise ConfigError(f"views.blur_kernel_frac: expected a fraction in [0, 1], got {cfg.blur_kernel_frac!r}")
+
+
+def jitter_amounts(cfg: ViewConfig) -> tuple[float, float, float, float]:
+    """(brightness, contrast, saturation, hue): ``views.jitter``, else SimCLR's (0.8s, 0.8s, 0.8s, 0.2s)."""
+    if cfg.jitter is not None:
+        return tuple(float(v) for v in cfg.jitter)  # type: ignore[return-value]
+    s = cfg.jitter_strength
+    return (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
 
 
 def blur_kernel_size(frac: float, size: int) -> int:
@@ -115,8 +130,7 @@ class TensorViews:
         self.kernel_size = blur_kernel_size(cfg.blur_kernel_frac, self.size)
         # Sigma is given for 224 px images; scale it so the blur covers the same fraction of the view.
         self.sigma = (cfg.blur_sigma[0] * self.size / 224, cfg.blur_sigma[1] * self.size / 224)
-        s = cfg.jitter_strength
-        self.jitter = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)  # brightness, contrast, saturation, hue
+        self.jitter = jitter_amounts(cfg)  # brightness, contrast, saturation, hue
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> list[Tensor]:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != self.channels:
@@ -177,11 +191,11 @@ class PILViews:
         _check_stats(mean, std, channels)
         self.cfg = cfg
         self.size = cfg.size or in_size
-        s = cfg.jitter_strength
+        b, c, s, h = jitter_amounts(cfg)
         if channels == 3:
-            jitter = v2.ColorJitter(brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s)
+            jitter = v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)
         else:
-            jitter = v2.ColorJitter(brightness=0.8 * s, contrast=0.8 * s)
+            jitter = v2.ColorJitter(brightness=b, contrast=c)
         steps: list[Any] = [
             v2.RandomResizedCrop(self.size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio),
                                  antialias=True),

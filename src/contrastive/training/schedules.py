@@ -39,6 +39,24 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base: float, f
     return cosine(step - warmup_steps, total_steps - warmup_steps, base, final)
 
 
+def warmup_step(step: int, warmup_steps: int, base: float, milestone_steps: list[int], gamma: float) -> float:
+    """Linear warm-up to ``base`` as in :func:`warmup_cosine`, then ``base * gamma ** (milestones passed)``:
+    the step schedule of InstDisc and MoCo v1 ("multiplied by 0.1 at 120 and 160 epochs")."""
+    if step < warmup_steps:
+        return base * (step + 1) / warmup_steps
+    return base * gamma ** sum(step >= m for m in milestone_steps)
+
+
+def lr_at(step: int, *, total_steps: int, steps_per_epoch: int, optim, peak: float) -> float:
+    """The learning rate of optimiser step ``step`` under ``optim`` (an OptimConfig) with peak ``peak``."""
+    warmup = round(optim.warmup_epochs * steps_per_epoch)
+    if optim.schedule == "cosine":
+        return warmup_cosine(step, total_steps, warmup, peak, peak * optim.min_lr_ratio)
+    if optim.schedule == "step":
+        return warmup_step(step, warmup, peak, [round(m * steps_per_epoch) for m in optim.milestones], optim.gamma)
+    raise ConfigError(f"optim.schedule: unknown schedule {optim.schedule!r}; choose cosine or step")
+
+
 def scaled_lr(base_lr: float, batch_size: int, scaling: str) -> float:
     """The learning rate for a batch size: ``linear`` lr * batch / 256 (SimCLR, Appendix B.1, after Goyal
     et al. 2017), ``sqrt`` lr * sqrt(batch) (SimCLR v2 and SimCLR Appendix B.1 for small batches),

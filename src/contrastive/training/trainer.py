@@ -34,7 +34,7 @@ from contrastive.errors import CheckpointError, ConfigError, NonFiniteLossError
 from contrastive.methods.base import STREAM_GLOBAL, Batch, BuildContext, Method, StepInfo, StepOutput, step_seed
 from contrastive.training.checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
 from contrastive.training.optim import build_optimizer
-from contrastive.training.schedules import scaled_lr, warmup_cosine
+from contrastive.training.schedules import lr_at, scaled_lr
 
 log = logging.getLogger("contrastive.train")
 
@@ -281,8 +281,8 @@ class Trainer:
                         stopped = f"train.max_steps={cfg.train.max_steps}"
                         self.epoch_batch -= 1  # this batch was drawn but not used
                         break
-                    lr = warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.peak_lr,
-                                       self.peak_lr * cfg.optim.min_lr_ratio)
+                    lr = lr_at(self.step, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+                               optim=cfg.optim, peak=self.peak_lr)
                     out = self._train_step(images, index, labels, lr)
                     images_seen += cfg.train.batch_size
                     if bar is not None:
