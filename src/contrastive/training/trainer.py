@@ -140,7 +140,7 @@ class Trainer:
         self.model: nn.Module = self.method
         if self.world > 1:
             ids = [self.device] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.method, device_ids=ids, **self.method.ddp_options)
+            self.model = DistributedDataParallel(self.method, device_ids=ids, **_ddp_options(self.method.ddp_options))
         if cfg.train.compile:
             self.model = torch.compile(self.model)
         self.epoch = 0
@@ -363,6 +363,18 @@ class Trainer:
             self.method.after_step({k: v.detach() for k, v in out.updates.items()}, info)
         self.step += 1
         return out
+
+
+def _ddp_options(options: dict) -> dict:
+    """A method's DistributedDataParallel options for this torch: newer releases (2.14) name
+    ``broadcast_buffers=False`` ``forward_sync_buffers=False``, which still syncs buffers once at
+    construction, as broadcast_buffers=False does (the method's buffers start equal on every rank anyway)."""
+    import inspect
+
+    out = dict(options)
+    if "broadcast_buffers" in out and "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        out["forward_sync_buffers"] = out.pop("broadcast_buffers")
+    return out
 
 
 def peak_memory_mb(device: torch.device) -> float:
