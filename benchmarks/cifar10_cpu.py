@@ -1,11 +1,12 @@
-"""CIFAR-10 SimCLR on a CPU: training images/s and the kNN / linear-probe accuracy a fixed budget buys,
-for our pipeline and, side by side, for the same recipe built from lightly 1.6's building blocks.
+"""CIFAR-10 on a CPU, one row per method: training images/s and the kNN / linear-probe accuracy a fixed budget
+buys, for our pipeline and, side by side where lightly has the parts, for the same recipe built from lightly
+1.6's building blocks (SimCLR, MoCo v2).
 
 Run (see benchmarks/README.md for the environment):
-    .venv-bench/bin/python benchmarks/cifar10_cpu.py                 # ours, 4 epochs at batch 512
-    .venv-bench/bin/python benchmarks/cifar10_cpu.py --mode lightly  # needs benchmarks/requirements.txt
-    .venv-bench/bin/python benchmarks/cifar10_cpu.py --mode both     # both, then the ratios
-Each mode run merges its entry into benchmarks/results/cifar10_cpu.json (replacing that mode's previous one).
+    .venv-bench/bin/python benchmarks/cifar10_cpu.py                                # SimCLR, ours, 4 epochs
+    .venv-bench/bin/python benchmarks/cifar10_cpu.py --method moco-v2 --mode both   # ours, lightly, ratios
+Each run merges its entry into benchmarks/results/cifar10_cpu.json under "<method>/<mode>", replacing that
+method and mode's previous one.
 
 Data: ../shared/data/cifar10-train-jpeg.tar.gz (the CIFAR-10 *training* split as JPEGs; the official test
 split is not available), unpacked once into the cache. The last 500 images of every class by sorted file
@@ -13,14 +14,13 @@ name are held out as the test side (5,000 images); the other 45,000 are pretrain
 evaluation's train side. The split is a folder of symlinks, <cache>/split/{train,test}/<class>/, which our
 library reads natively and torchvision's ImageFolder reads for lightly.
 
-What is the same in both modes: the recipe (configs/simclr-cifar10.yaml) with backbone small_cnn, its
-initial weights (our build_backbone under the same seed), the split, epochs, batch size, LARS optimiser
-and warm-up + cosine schedule (ours, so the optimiser is not a variable), torch's thread count, and the
-evaluation (our frozen-feature kNN k=200 T=0.07, linear probe and raw-pixel kNN).
+What is the same in both modes: the recipe (configs/<method>-cifar10.yaml) with backbone small_cnn, its
+initial weights (our build_backbone under the same seed), the split, epochs, batch size, optimiser and
+schedule (ours, so the optimiser is not a variable), torch's thread count, and the evaluation (our
+frozen-feature kNN k=200 T=0.07, linear probe and raw-pixel kNN).
 What differs is exactly the pipeline under test: ours decodes the images once into memory and augments
-whole batches in the training process (one forward pass over both views); lightly's is per-image
-torchvision transforms in 2 DataLoader workers decoding JPEGs every epoch, its projection head and its
-NT-Xent loss, with two forward passes as in lightly's examples.
+whole batches in the training process; lightly's is per-image torchvision transforms in 2 DataLoader
+workers decoding JPEGs every epoch, and its heads, losses and momentum utilities, used as its examples do.
 """
 
 from __future__ import annotations
@@ -45,13 +45,13 @@ from contrastive import api
 from contrastive.config import Config, method_config, resolve_config
 from contrastive.data import load_splits
 from contrastive.data.preprocess import Preprocess
+from contrastive.data.views import jitter_amounts
 from contrastive.nn.backbones import build_backbone
 from contrastive.training.optim import build_optimizer
-from contrastive.training.schedules import scaled_lr, warmup_cosine
+from contrastive.training.schedules import lr_at, scaled_lr
 from contrastive.training.trainer import peak_memory_mb
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "configs" / "simclr-cifar10.yaml"
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 RESULTS = ROOT / "benchmarks" / "results" / "cifar10_cpu.json"
 HELD_OUT_PER_CLASS = 500
@@ -60,6 +60,11 @@ HELD_OUT_PER_CLASS = 500
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 BACKBONE_NOTE = ("backbone small_cnn instead of the recipe's resnet18: resnet18 trains at only ~20 images/s "
                  "on this 2-core CPU, too slow for a benchmark of minutes")
+LIGHTLY_METHODS = ("simclr", "moco-v2")  # methods with a lightly side-by-side (run_lightly)
+
+
+def recipe(method: str) -> Path:
+    return ROOT / "configs" / f"{method}-cifar10.yaml"
 INSTALL_HINT = ("python3 -m venv .venv-bench && .venv-bench/bin/pip install -e . -r benchmarks/requirements.txt, "
                 "then run this script with .venv-bench/bin/python")
 
@@ -113,19 +118,19 @@ def make_config(args: argparse.Namespace, split: Path, mode: str) -> Config:
     """The recipe with the benchmark's budget; both modes read every shared setting from it."""
     # A tree rather than key=value strings keeps the fixed settings typed (no YAML parsing of values).
     train = {"epochs": args.epochs, "device": "cpu", "progress": False, "tensorboard": False,
-             "output": str(args.cache / "runs" / mode)}
+             "output": str(args.cache / "runs" / args.method / mode)}
     if args.batch_size is not None:
         train["batch_size"] = args.batch_size
     tree = {"data": {"name": str(split)}, "backbone": {"name": "small_cnn"}, "train": train,
             "eval": {"enabled": True, "knn": True, "knn_k": 200, "knn_temperature": 0.07, "linear": True}}
-    return resolve_config(recipe=RECIPE, tree=tree, overrides=args.set)
+    return resolve_config(recipe=recipe(args.method), tree=tree, overrides=args.set)
 
 
 def run_ours(cfg: Config) -> dict:
     results = api.pretrain(cfg)
     return {
-        "pipeline": "contrastive: images decoded once into memory, batched augmentation (TensorViews) in the "
-                    "training process, one forward pass over both views, our projection head and NT-Xent",
+        "pipeline": f"contrastive {cfg.method['name']}: images decoded once into memory, batched augmentation "
+                    "(TensorViews) in the training process, the method's own modules and loss",
         "images_per_s": results["images_per_s"],
         "train_seconds": results["train_seconds"],
         "peak_memory_mb": results["peak_memory_mb"],
@@ -136,42 +141,94 @@ def run_ours(cfg: Config) -> dict:
     }
 
 
-def run_lightly(cfg: Config, split: Path) -> dict:
-    import lightly
+def _lightly_simclr(cfg: Config, backbone: torch.nn.Module, feature_dim: int):
+    """SimCLRTransform, SimCLRProjectionHead and NTXentLoss, two forward passes as lightly's examples."""
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
     from lightly.transforms import SimCLRTransform
-    from torchvision.datasets import ImageFolder
 
     v, method = cfg.views, method_config(cfg)
-    # Same seed, then the backbone first, as api.pretrain does: both modes start from identical weights.
-    torch.manual_seed(cfg.seed)
-    backbone, feature_dim = build_backbone(cfg.backbone, in_channels=3, image_size=32)
     model = torch.nn.Sequential(backbone, SimCLRProjectionHead(feature_dim, feature_dim, method.projection_dim))
     transform = SimCLRTransform(input_size=32, cj_prob=v.jitter_p, cj_strength=v.jitter_strength,
                                 min_scale=v.crop_scale[0], random_gray_scale=v.grayscale_p, gaussian_blur=v.blur_p,
                                 hf_prob=v.hflip_p, normalize={"mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)})
+    criterion = NTXentLoss(temperature=method.temperature)
+
+    def step(x0, x1):
+        return criterion(model(x0), model(x1))
+
+    pipeline = ("torchvision ImageFolder + lightly SimCLRTransform in a DataLoader (2 workers, JPEG decoded every "
+                "epoch), SimCLRProjectionHead, NTXentLoss, two forward passes (lightly's examples)")
+    return model, transform, step, None, pipeline
+
+
+def _lightly_moco_v2(cfg: Config, backbone: torch.nn.Module, feature_dim: int):
+    """lightly's MoCo example: MoCoProjectionHead, a deep-copied momentum encoder updated with
+    update_momentum, batch_shuffle / batch_unshuffle around the key encoder, and NTXentLoss with its
+    memory bank (MemoryBankModule) of ``queue_size`` keys."""
+    import copy
+
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import MoCoProjectionHead
+    from lightly.models.utils import batch_shuffle, batch_unshuffle, deactivate_requires_grad, update_momentum
+    from lightly.transforms import MoCoV2Transform
+
+    v, method = cfg.views, method_config(cfg)
+    jb, jc, js, jh = jitter_amounts(v)
+    transform = MoCoV2Transform(input_size=32, cj_prob=v.jitter_p, cj_bright=jb, cj_contrast=jc, cj_sat=js, cj_hue=jh,
+                                min_scale=v.crop_scale[0], random_gray_scale=v.grayscale_p, gaussian_blur=v.blur_p,
+                                hf_prob=v.hflip_p, normalize={"mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)})
+    head = MoCoProjectionHead(feature_dim, method.hidden_dim or feature_dim, method.dim)
+    model = torch.nn.Sequential(backbone, head)
+    model_momentum = copy.deepcopy(model)
+    deactivate_requires_grad(model_momentum)
+    criterion = NTXentLoss(temperature=method.temperature, memory_bank_size=(method.queue_size, method.dim))
+
+    def step(x_query, x_key):
+        update_momentum(model, model_momentum, m=method.momentum)
+        query = model(x_query)
+        with torch.no_grad():
+            shuffled, shuffle = batch_shuffle(x_key)
+            key = batch_unshuffle(model_momentum(shuffled), shuffle).detach()
+        return criterion(query, key)
+
+    pipeline = ("torchvision ImageFolder + lightly MoCoV2Transform in a DataLoader (2 workers, JPEG decoded every "
+                "epoch), MoCoProjectionHead, update_momentum, batch_shuffle/batch_unshuffle (one batch-norm group: "
+                "lightly has no split batch norm), NTXentLoss(memory_bank_size=(queue_size, dim)), as lightly's "
+                "MoCo example")
+    return model, transform, step, model_momentum, pipeline
+
+
+def run_lightly(cfg: Config, split: Path) -> dict:
+    import lightly
+    from torchvision.datasets import ImageFolder
+
+    # Same seed, then the backbone first, as api.pretrain does: both modes start from identical weights.
+    torch.manual_seed(cfg.seed)
+    backbone, feature_dim = build_backbone(cfg.backbone, in_channels=3, image_size=32)
+    build = {"simclr": _lightly_simclr, "moco-v2": _lightly_moco_v2}[cfg.method["name"]]
+    model, transform, train_step, momentum_model, pipeline = build(cfg, backbone, feature_dim)
     dataset = ImageFolder(str(split / "train"), transform=transform)
     batch = cfg.train.batch_size
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=2)
-    criterion = NTXentLoss(temperature=method.temperature)
-    # Our LARS and schedule rather than lightly.utils.lars.LARS, so the optimiser is not a variable of the
-    # comparison (lightly's LARS would also adapt biases and norm weights unless the user split the groups).
+    # Our optimiser and schedule rather than lightly's, so the optimiser is not a variable of the comparison
+    # (lightly's LARS would also adapt biases and norm weights unless the user split the groups).
     peak_lr = scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_scaling)
     optimizer = build_optimizer(model, cfg.optim, peak_lr)
     steps_per_epoch = len(loader)
     total_steps = cfg.train.epochs * steps_per_epoch
-    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
 
     model.train()
+    if momentum_model is not None:
+        momentum_model.train()
     step = images = 0
     start = time.perf_counter()
     for _ in range(cfg.train.epochs):
         for (x0, x1), _labels in loader:
-            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, peak_lr * cfg.optim.min_lr_ratio)
+            lr = lr_at(step, total_steps=total_steps, steps_per_epoch=steps_per_epoch, optim=cfg.optim, peak=peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = criterion(model(x0), model(x1))
+            loss = train_step(x0, x1)
             if not torch.isfinite(loss):
                 sys.exit(f"lightly mode: the loss became {loss.item()} at step {step}; its numbers would be void")
             optimizer.zero_grad(set_to_none=True)
@@ -188,9 +245,7 @@ def run_lightly(cfg: Config, split: Path) -> dict:
     evaluation = api.evaluate_encoder(backbone, Preprocess(3, 32, CIFAR_MEAN, CIFAR_STD), splits.eval_train,
                                       splits.eval_test, cfg, note=splits.note)
     return {
-        "pipeline": f"lightly {lightly.__version__}: torchvision ImageFolder + lightly SimCLRTransform in a "
-                    "DataLoader (2 workers, JPEG decoded every epoch), SimCLRProjectionHead, NTXentLoss, "
-                    "two forward passes (lightly's examples); our LARS and warm-up + cosine schedule",
+        "pipeline": f"lightly {lightly.__version__}: {pipeline}; our optimiser and schedule",
         "lightly": lightly.__version__,
         "images_per_s": round(images / train_seconds, 2),
         "train_seconds": round(train_seconds, 2),
@@ -209,6 +264,7 @@ def run_mode(args: argparse.Namespace, split: Path) -> dict:
     t0 = time.perf_counter()
     measured = run_ours(cfg) if args.mode == "ours" else run_lightly(cfg, split)
     return {
+        "method": args.method,
         "mode": args.mode,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": shlex.join([_relative(sys.executable), *sys.argv]),
@@ -227,7 +283,8 @@ def run_mode(args: argparse.Namespace, split: Path) -> dict:
 
 def budget(args: argparse.Namespace, cfg: Config) -> dict:
     """What must be equal for two entries to be compared."""
-    return {"recipe": str(RECIPE.relative_to(ROOT)), "backbone": cfg.backbone["name"], "epochs": cfg.train.epochs,
+    return {"recipe": str(recipe(args.method).relative_to(ROOT)), "backbone": cfg.backbone["name"],
+            "epochs": cfg.train.epochs,
             "batch_size": cfg.train.batch_size, "seed": cfg.seed, "threads": args.threads,
             "limit_per_class": args.limit_per_class, "overrides": args.set,
             "split": f"last {HELD_OUT_PER_CLASS} of each class (sorted names) held out as test"
@@ -238,9 +295,9 @@ def budget(args: argparse.Namespace, cfg: Config) -> dict:
 # ------------------------------------------------------------------------------------------------ results
 
 
-def comparison(runs: dict) -> dict | None:
-    """Ours over lightly, when both entries ran under the same budget."""
-    ours, lightly = runs.get("ours"), runs.get("lightly")
+def comparison(runs: dict, method: str) -> dict | None:
+    """Ours over lightly for ``method``, when both entries ran under the same budget."""
+    ours, lightly = runs.get(f"{method}/ours"), runs.get(f"{method}/lightly")
     if ours is None or lightly is None or ours["budget"] != lightly["budget"]:
         return None
     return {
@@ -252,14 +309,16 @@ def comparison(runs: dict) -> dict | None:
 
 
 def record(entry: dict, path: Path) -> dict:
-    """Merge ``entry`` into the results file (replacing its mode's previous entry); returns the whole file."""
+    """Merge ``entry`` into the results file (replacing its method and mode's previous entry); returns the
+    whole file."""
     data = json.loads(path.read_text()) if path.is_file() else {}
-    data["benchmark"] = ("cifar10_cpu: SimCLR pretraining on CIFAR-10 (45,000 training JPEGs, 5,000 held out), "
-                         "training images/s and frozen-feature kNN / linear-probe top-1")
-    data.setdefault("runs", {})[entry["mode"]] = entry
-    data.pop("comparison", None)  # a comparison of entries with different budgets would mislead
-    if (c := comparison(data["runs"])) is not None:
-        data["comparison"] = c
+    data["benchmark"] = ("cifar10_cpu: pretraining on CIFAR-10 (45,000 training JPEGs, 5,000 held out), one entry "
+                         "per method and pipeline: training images/s and frozen-feature kNN / linear-probe top-1")
+    data.setdefault("runs", {})[f"{entry['method']}/{entry['mode']}"] = entry
+    comparisons = data.setdefault("comparisons", {})
+    comparisons.pop(entry["method"], None)  # a comparison of entries with different budgets would mislead
+    if (c := comparison(data["runs"], entry["method"])) is not None:
+        comparisons[entry["method"]] = c
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -268,21 +327,18 @@ def record(entry: dict, path: Path) -> dict:
 
 
 def print_table(data: dict, path: Path) -> None:
-    # Each row says when it ran: a single-mode run shows the other mode's entry from an earlier run.
-    print(f"\n{'mode':<9}{'images/s':>10}{'kNN top1':>10}{'linear':>9}{'raw kNN':>9}{'train s':>9}"
+    # Each row says when it ran: rows of other methods and modes come from earlier runs.
+    print(f"\n{'run':<17}{'images/s':>10}{'kNN top1':>10}{'linear':>9}{'raw kNN':>9}{'train s':>9}"
           f"{'peak MB':>9}  {'ran at':<21}budget")
-    for mode, r in data["runs"].items():
+    for key, r in data["runs"].items():
         b = r["budget"]
-        print(f"{mode:<9}{r['images_per_s']:>10.1f}{r['knn_top1']:>10.4f}{r['linear_top1']:>9.4f}"
+        print(f"{key:<17}{r['images_per_s']:>10.1f}{r['knn_top1']:>10.4f}{r['linear_top1']:>9.4f}"
               f"{r['raw_pixel_knn_top1']:>9.4f}{r['train_seconds']:>9.1f}{r['peak_memory_mb']:>9.0f}  {r['date']:<21}"
               f"{b['epochs']} epochs x batch {b['batch_size']}, {r['pretrain_images']} images, "
               f"{b['threads']} threads" + (f", limit {b['limit_per_class']}/class" if b["limit_per_class"] else ""))
-    c = data.get("comparison")
-    if c is not None:
-        print(f"ours / lightly: images/s {c['images_per_s_ours_over_lightly']:.2f}x, "
+    for method, c in data.get("comparisons", {}).items():
+        print(f"{method} ours / lightly: images/s {c['images_per_s_ours_over_lightly']:.2f}x, "
               f"kNN {c['knn_top1_ours_over_lightly']:.3f}, linear {c['linear_top1_ours_over_lightly']:.3f}")
-    elif len(data["runs"]) > 1:
-        print("no ratios: the entries ran under different budgets")
     print(f"{BACKBONE_NOTE}.\nwritten to {path}")
 
 
@@ -297,7 +353,8 @@ def _relative(path: str) -> str:
 def child_argv(args: argparse.Namespace, mode: str) -> list[str]:
     """This command for one mode, so that ``both`` runs each in a fresh process: peak RSS is a per-process
     high-water mark, and ours would otherwise count in lightly's."""
-    argv = [sys.executable, sys.argv[0], "--mode", mode, "--epochs", str(args.epochs), "--threads",
+    argv = [sys.executable, sys.argv[0], "--method", args.method, "--mode", mode, "--epochs", str(args.epochs),
+            "--threads",
             str(args.threads), "--cache", str(args.cache), "--archive", str(args.archive), "--out", str(args.out)]
     if args.batch_size is not None:
         argv += ["--batch-size", str(args.batch_size)]
@@ -310,7 +367,9 @@ def child_argv(args: argparse.Namespace, mode: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("ours", "lightly", "both"), default="ours")
+    parser.add_argument("--method", default="simclr", help="a method with a configs/<method>-cifar10.yaml recipe")
+    parser.add_argument("--mode", choices=("ours", "lightly", "both"), default="ours",
+                        help=f"lightly and both exist for {', '.join(LIGHTLY_METHODS)}")
     parser.add_argument("--epochs", type=int, default=4, help="pretraining epochs, the fixed budget (default 4)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (512)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
@@ -328,6 +387,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.out is None:
         args.out = RESULTS if args.limit_per_class is None else args.cache / "cifar10_cpu_smoke.json"
+    if not recipe(args.method).is_file():
+        sys.exit(f"no recipe {recipe(args.method)}; --method needs a method with a CIFAR-10 recipe")
+    if args.mode != "ours" and args.method not in LIGHTLY_METHODS:
+        sys.exit(f"--mode {args.mode}: the lightly side-by-side exists for {', '.join(LIGHTLY_METHODS)}")
     if args.mode != "ours" and importlib.util.find_spec("lightly") is None:
         sys.exit(f"--mode {args.mode} needs lightly 1.6, which is not installed in {sys.prefix}. Install the "
                  f"benchmark environment from benchmarks/requirements.txt: {INSTALL_HINT}")
@@ -341,8 +404,8 @@ def main() -> None:
             # The child's own table would show a half-updated file; its log and errors (stderr) still show.
             subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
         data = json.loads(args.out.read_text())
-        if "comparison" in data:
-            data["comparison"]["command"] = shlex.join([_relative(sys.executable), *sys.argv])
+        if args.method in data.get("comparisons", {}):
+            data["comparisons"][args.method]["command"] = shlex.join([_relative(sys.executable), *sys.argv])
             args.out.write_text(json.dumps(data, indent=2) + "\n")
     else:
         data = record(run_mode(args, split), args.out)

@@ -99,6 +99,20 @@ def test_split_batchnorm_normalises_each_chunk_by_its_own_statistics():
     # running statistics: the mean over chunks of what each chunk's BN would hold
     torch.testing.assert_close(split.running_mean, torch.stack([r.running_mean for r in refs]).mean(0))
     torch.testing.assert_close(split.running_var, torch.stack([r.running_var for r in refs]).mean(0))
+    # channels-last input (the trainer's default) takes another code path: same numbers, same layout
+    again = split_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), 4)[0]
+    again.load_state_dict(bn.state_dict())
+    cl = again(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(cl, expected)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(again.running_var, split.running_var)
+    # gradients flow to the input and to the affine parameters as through four separate batch norms
+    xg = x.clone().requires_grad_()
+    split.train()(xg).pow(2).sum().backward()
+    xr = x.clone().requires_grad_()
+    torch.cat([r(c) for r, c in zip(refs, xr.chunk(4))]).pow(2).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad)
+    torch.testing.assert_close(split.weight.grad, sum(r.weight.grad for r in refs))
     split.eval()
     torch.testing.assert_close(split(x), F.batch_norm(x, split.running_mean, split.running_var, split.weight,
                                                       split.bias, False, 0.0, split.eps))
