@@ -35,7 +35,8 @@ from contrastive.config import (
 from contrastive.data import load_splits
 from contrastive.data.preprocess import Preprocess
 from contrastive.errors import CheckpointError, DataError
-from contrastive.evaluation import extract_features, knn_top1, linear_probe, raw_pixel_features, save_embeddings
+from contrastive.evaluation import (extract_features, knn_device, knn_top1, linear_probe, raw_pixel_features,
+                                    save_embeddings)
 from contrastive.methods.base import BuildContext, Method
 from contrastive.registry import lookup
 from contrastive.training.checkpoint import atomic_save, is_checkpoint, read_file
@@ -62,9 +63,9 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     preprocessing), metrics.csv, results.json. Returns what results.json holds.
     """
     torch.manual_seed(cfg.seed)
-    # under torchrun: join the group now, so that rank 0 prepares the data alone; a group this call
+    # under torchrun: join the group now, so that rank 0 can download data alone first; a group this call
     # created is also ended here (a caller's own group is left to the caller)
-    started = distributed.init_from_env(resolve_device(cfg.train.device))
+    started = distributed.init_from_env(resolve_device(cfg.train.device), timeout_s=cfg.train.dist_timeout_s)
     try:
         return _pretrain(cfg)
     finally:
@@ -74,8 +75,8 @@ def pretrain(cfg: Config) -> dict[str, Any]:
 
 def _pretrain(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.train.output)
-    with distributed.main_first():  # a download or a folder decode happens once, then the others read it
-        splits = load_splits(cfg.data)
+    # every process decodes its own copy at once; only a download is rank 0's alone, first (data/named.py)
+    splits = load_splits(cfg.data)
     train_set = splits.pretrain
     if cfg.eval.enabled and splits.eval_test is None:
         raise DataError(f"{cfg.data.name} has no labels to evaluate with ({splits.note}); pass "
@@ -133,10 +134,13 @@ def evaluate_encoder(encoder: nn.Module, preprocess: Preprocess, train_set, test
     for split, ds in (("train", train_set), ("test", test_set)):
         feats[split] = extract_features(encoder.to(device), ds, preprocess=preprocess, batch_size=e.batch_size,
                                         device=device)
+    # the raw-pixel baseline holds every image's pixels at once, as floats: at most eval.raw_pixel_size px
+    pixels = dataclasses.replace(preprocess, size=min(preprocess.size, e.raw_pixel_size or preprocess.size))
     res: dict[str, Any] = {
         "evaluation": {"split": note, "train_images": len(train_set), "test_images": len(test_set),
                        "knn": {"k": e.knn_k, "temperature": e.knn_temperature, "similarity": "cosine"},
-                       "raw_pixel_baseline": "the same kNN on the encoder's input (resized, normalised pixels)",
+                       "raw_pixel_baseline": f"the same kNN on the encoder's input at {pixels.size} px "
+                                             f"(resized, normalised pixels)",
                        "linear": {"epochs": e.linear_epochs, "lr": e.linear_lr, "optimizer": "adamw",
                                   "features": "frozen, standardised"}},
         "feature_seconds": round(time.perf_counter() - t0, 2),
@@ -144,7 +148,7 @@ def evaluate_encoder(encoder: nn.Module, preprocess: Preprocess, train_set, test
     (xtr, ytr), (xte, yte) = feats["train"], feats["test"]
     if "knn" in protocols:
         res["knn_top1"] = knn_top1(xtr, ytr, xte, yte, num_classes=num_classes, k=e.knn_k,
-                                   temperature=e.knn_temperature)
+                                   temperature=e.knn_temperature, device=knn_device(xtr, device))
     if "linear" in protocols:
         probe = linear_probe(xtr, ytr, xte, yte, num_classes=num_classes, epochs=e.linear_epochs, lr=e.linear_lr,
                              weight_decay=e.linear_weight_decay, batch_size=e.linear_batch_size, seed=cfg.seed,
@@ -152,10 +156,10 @@ def evaluate_encoder(encoder: nn.Module, preprocess: Preprocess, train_set, test
         res["linear_top1"] = probe["top1"]
         res["linear_train_top1"] = probe["train_top1"]
     if e.raw_pixel_baseline and "knn" in protocols:
-        (ptr, _), (pte, _) = (raw_pixel_features(ds, preprocess=preprocess, batch_size=e.batch_size)
+        (ptr, _), (pte, _) = (raw_pixel_features(ds, preprocess=pixels, batch_size=e.batch_size, device=device)
                               for ds in (train_set, test_set))
         res["raw_pixel_knn_top1"] = knn_top1(ptr, ytr, pte, yte, num_classes=num_classes, k=e.knn_k,
-                                             temperature=e.knn_temperature)
+                                             temperature=e.knn_temperature, device=knn_device(ptr, device))
     return res
 
 

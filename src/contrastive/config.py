@@ -99,8 +99,12 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = _f(100, "Pretraining epochs.")
     batch_size: int = _f(256, "Images per optimiser step over all processes.")
-    precision: str = _f("auto", "fp32, bf16 or fp16 autocast; auto: bf16 on a GPU that has it, fp32 on CPU.")
-    device: str = _f("auto", "auto (cuda when available), cpu, or cuda[:N].")
+    precision: str = _f("auto", "fp32, bf16 or fp16 autocast; auto: bf16 on a GPU with native bf16 (A100, H100, "
+                        "RTX 30xx and newer), fp16 with loss scaling on older GPUs with tensor cores (V100, T4, "
+                        "RTX 20xx, where bf16 is only emulated and slow), else fp32 (the CPU); the choice is logged.")
+    device: str = _f("auto", "auto (cuda when available), cpu, cuda or cuda:N. Under torchrun, auto and cuda give "
+                     "each process its own GPU (cuda:LOCAL_RANK, or cuda:0 when the launcher shows each process "
+                     "one GPU); an explicit cuda:N is for one process per machine.")
     output: str = _f("runs/latest", "Folder for checkpoints, metrics.csv, config.yaml and results.json.")
     checkpoint_every: int = _f(10, "Write a checkpoint every N epochs (and always at the end).")
     resume: str | None = _f(None, "Checkpoint to resume from; the run continues exactly where it stopped.")
@@ -117,6 +121,19 @@ class TrainConfig:
                                      "None: on for multi-GPU runs. Needs CUDA.")
     channels_last: bool = _f(True, "Use channels-last memory format for convolutions (faster on CPU and GPU).")
     compile: bool = _f(False, "torch.compile the method; pays off on long GPU runs.")
+    dist_timeout_s: float = _f(3600.0, "Seconds a process waits in a collective for the others (rank 0 "
+                               "downloading a dataset, writing a checkpoint) before the run fails; torch's NCCL "
+                               "default of 10 minutes is shorter than a slow download.")
+    data_on_device: bool | None = _f(None, "Keep an in-memory dataset's uint8 images on the GPU, so a batch is "
+                                     "an index there and never a host copy; None: when they take at most a "
+                                     "quarter of the GPU's free memory (CIFAR-10: 150 MB). Otherwise batches "
+                                     "are gathered into pinned memory and copied without blocking.")
+    cudnn_benchmark: bool = _f(True, "Let cuDNN time its convolution algorithms on the first batch of each "
+                               "shape and keep the fastest; views have one fixed size, so it pays at once. "
+                               "false for repeatable GPU runs. CUDA only; logged.")
+    tf32: bool = _f(False, "TF32 (10-bit mantissa) in fp32 matmuls and convolutions on Ampere and newer GPUs: "
+                    "several times faster fp32. Off: precision=auto trains in bf16 on those GPUs anyway, and the "
+                    "losses are computed in fp32 on purpose. CUDA only; logged.")
 
 
 @dataclass
@@ -131,6 +148,10 @@ class EvalConfig:
     linear_weight_decay: float = _f(1e-4, "Weight decay of the linear probe.")
     linear_batch_size: int = _f(512, "Mini-batch size of the linear probe.")
     raw_pixel_baseline: bool = _f(True, "Also run the kNN on raw pixels, the baseline features must beat.")
+    raw_pixel_size: int | None = _f(32, "Side the raw-pixel baseline resizes images to when the encoder's input "
+                                    "is larger: 32 px leaves CIFAR-sized data as it is and bounds the "
+                                    "baseline's memory (50,000 images at 224 px would be 30 GB of floats); "
+                                    "null: the encoder's input side.")
     batch_size: int = _f(512, "Batch size of feature extraction.")
 
 
@@ -354,6 +375,7 @@ _RANGES = [
     ("data.num_workers", 0, True), ("data.image_size", 1, True), ("data.holdout", 0, False),
     ("eval.knn_k", 1, True), ("eval.knn_temperature", 0, False), ("eval.linear_epochs", 1, True),
     ("eval.linear_lr", 0, False), ("eval.linear_batch_size", 1, True), ("eval.batch_size", 1, True),
+    ("train.dist_timeout_s", 0, False), ("eval.raw_pixel_size", 1, True),
 ]
 
 

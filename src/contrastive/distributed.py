@@ -13,6 +13,7 @@ import gc
 import os
 from collections import deque
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Iterator
 
 import torch
@@ -100,6 +101,16 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
+    """Minimum over ranks of ``x``, in place (the first step at which any rank saw something); ``x`` itself
+    when single."""
+    if is_distributed() and dist.get_world_size() > 1:
+        _hold(x)
+        dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return x
+
+
+@torch.no_grad()
 def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     """``x`` overwritten in place by rank ``src``'s value; ``x`` itself when single."""
     if is_distributed() and dist.get_world_size() > 1:
@@ -138,16 +149,22 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def init_from_env(device: torch.device) -> bool:
-    """Join the process group that ``torchrun`` describes in the environment.
+def init_from_env(device: torch.device, *, timeout_s: float) -> bool:
+    """Join the process group that ``torchrun`` describes in the environment, on ``device``.
+
+    NCCL on a CUDA device, bound to it (``device_id``: the communicator is made for this GPU at once, and
+    never guessed from the current device); gloo otherwise. ``timeout_s`` is how long a collective may wait
+    for a slow rank (rank 0 downloading a dataset, writing a checkpoint) before the run fails; torch's NCCL
+    default of 10 minutes is too short for a large download.
 
     True when this call created the group (its caller then owns it and ends it with :func:`shutdown`);
     False when not launched by torchrun or when a group already exists.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or is_distributed():
         return False
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
+    cuda = device.type == "cuda"
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s),
+                            device_id=device if cuda else None)
     return True
 
 

@@ -5,11 +5,15 @@ sample of shape [n], and matches the ``torchvision.transforms.functional`` op of
 to each image on its own, clamping included. The geometric kernels turn crop boxes into one
 ``grid_sample`` call. Nothing here draws random numbers: ``contrastive.data.views`` draws them from a
 caller's generator, so these kernels are plain functions that tests compare against torchvision.
+
+Nothing here waits for the device: no ``nonzero``, ``.item()`` or tensor built from Python data on an
+accelerator, so the host queues a whole view without synchronising (see :func:`apply_where`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +79,7 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     h6 = is_r * (g - b) + is_g * (b - r).add_(chroma, alpha=2) + is_b * (r - g).add_(chroma, alpha=4)
     # Grey pixels have chroma 0 and numerator 0: the tiny floor makes their hue 0 instead of 0/0.
     h6 = h6.div_(chroma.clamp(min=torch.finfo(x.dtype).tiny)).add_(6.0 * shift.view(-1, 1, 1))
-    offsets = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    offsets = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1
     k = offsets + h6.unsqueeze(1)
     k = k.sub_(torch.floor(k / 6.0).mul_(6.0))
     ramp = k.sub_(2.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)
@@ -96,21 +100,45 @@ def solarize(x: Tensor, threshold: float = 0.5) -> Tensor:
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
+def by_index(x: Tensor) -> bool:
+    """Whether :func:`apply_where` indexes the selected samples (True on the CPU) or selects with masks.
+
+    Indexing runs an op on just the selected samples, the cheaper path on a CPU, but needs their count on
+    the host (``nonzero``): on an accelerator each such call waits for every queued kernel. Masks cost a
+    pass over every sample and never wait. Both paths give bitwise-identical results (tested).
+    """
+    return x.device.type == "cpu"
+
+
+def apply_where(x: Tensor, mask: Tensor, op: Callable[..., Tensor], *params: Tensor) -> Tensor:
+    """``x`` [B, ...] with ``op(x, *params)`` on the samples where ``mask`` [B] holds, the others unchanged.
+
+    ``params`` are per-sample parameters [B, ...] (a factor, a sigma); ``op`` treats each sample on its own.
+    On the CPU the selected samples are indexed, transformed and written back into ``x``; elsewhere ``op``
+    runs on the whole batch and ``torch.where`` keeps its result where ``mask`` holds (a new tensor).
+    Callers use the return value.
+    """
+    if by_index(x):
+        idx = mask.nonzero().squeeze(1)
+        if idx.numel():
+            x[idx] = op(x[idx], *(p[idx] for p in params))
+        return x
+    return torch.where(mask.view(-1, *[1] * (x.dim() - 1)), op(x, *params), x)
+
+
 def color_jitter(x: Tensor, factors: Tensor, order: Tensor, apply: Tensor) -> Tensor:
     """ColorJitter with each sample's own factors and op order, on the samples where ``apply`` holds.
 
     x [B, C, H, W] in [0, 1]; factors [B, 4] (brightness, contrast, saturation, hue shift); order [B, 4]
     a permutation of 0..3 per sample (slot -> op); apply [B] bool. At each of the 4 slots every op runs
-    once, on just the samples whose permutation puts it there, so the cost is one pass per op.
-    Writes into x (no extra copy of the batch) and returns it.
+    once, on the samples whose permutation puts it there (:func:`apply_where`: just those samples on the
+    CPU, writing into x; every sample, then a select, on an accelerator). Returns the jittered batch.
     """
     for slot in range(4):
         for op_index, op in enumerate(JITTER_OPS):
             if x.shape[1] == 1 and op_index >= 2:
                 continue  # saturation and hue leave grey images unchanged
-            idx = ((order[:, slot] == op_index) & apply).nonzero().squeeze(1)
-            if idx.numel():
-                x[idx] = op(x[idx], factors[idx, op_index])
+            x = apply_where(x, (order[:, slot] == op_index) & apply, op, factors[:, op_index])
     return x
 
 
@@ -166,9 +194,9 @@ def sample_crop_boxes(
         fw, fh = int(round(height * max(ratio))), height
     else:
         fw, fh = width, height
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=w.dtype, device=w.device)
-    boxes = torch.stack([top, left, h, w], dim=1)
-    return torch.where(found.unsqueeze(1), boxes, fallback)
+    # the centre crop as Python numbers: a tensor built from them would be a blocking copy to an accelerator
+    fallback = ((height - fh) // 2, (width - fw) // 2, fh, fw)
+    return torch.stack([torch.where(found, v, float(f)) for v, f in zip((top, left, h, w), fallback)], dim=1)
 
 
 def resized_crop(x: Tensor, boxes: Tensor, flip: Tensor, size: int) -> Tensor:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from contrastive import distributed
 from contrastive.config import DataConfig
 from contrastive.data.datasets import Concat, Splits, TensorImages, resize_images
 from contrastive.errors import DataError
@@ -50,7 +51,14 @@ def data_root(cfg: DataConfig) -> Path:
 def _locate(dataset: str, cfg: DataConfig, places: list[Path], complete: Callable[[Path], bool],
             expected: str, download: Callable[[Path], None]) -> Path:
     """The first of ``places`` that is ``complete``; else download into ``data_root(cfg)`` (when allowed)
-    and look again; else a DataError naming every place looked and what to do."""
+    and look again; else a DataError naming every place looked and what to do. Under torchrun rank 0 looks
+    (and downloads) first and the other processes look after it; each then reads the files itself."""
+    with distributed.main_first():
+        return _locate_or_download(dataset, cfg, places, complete, expected, download)
+
+
+def _locate_or_download(dataset: str, cfg: DataConfig, places: list[Path], complete: Callable[[Path], bool],
+                        expected: str, download: Callable[[Path], None]) -> Path:
     found = next((p for p in places if complete(p)), None)
     if found is not None:
         return found

@@ -131,6 +131,20 @@ class TensorViews:
         # Sigma is given for 224 px images; scale it so the blur covers the same fraction of the view.
         self.sigma = (cfg.blur_sigma[0] * self.size / 224, cfg.blur_sigma[1] * self.size / 224)
         self.jitter = jitter_amounts(cfg)  # brightness, contrast, saturation, hue
+        self._constants: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(mean, std) [1, C, 1, 1] and the jitter factor ranges (low, high) [4] on ``device``, made once:
+        a tensor built from Python numbers at every view would be a blocking copy to an accelerator.
+        ColorJitter's ranges: [max(0, 1 - a), 1 + a] for the blends, [-a, a] for the hue shift."""
+        if device not in self._constants:
+            amount = torch.tensor(self.jitter, device=device)
+            low = torch.cat([(1 - amount[:3]).clamp(min=0), -amount[3:]])
+            high = torch.cat([1 + amount[:3], amount[3:]])
+            mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+            self._constants[device] = (mean, std, low, high)
+        return self._constants[device]
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> list[Tensor]:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != self.channels:
@@ -140,33 +154,33 @@ class TensorViews:
         return [self._view(x, generator) for _ in range(self.cfg.n_views)]
 
     def _view(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        """One view of x [B, C, H, W] in [0, 1] -> normalised [B, C, S, S]."""
+        """One view of x [B, C, H, W] in [0, 1] -> normalised [B, C, S, S].
+
+        Per-sample choices (jitter or not, grey, blur, solarize) go through ``augment.apply_where``: indexed
+        on the CPU, masked elsewhere, so a view on a GPU never waits for the device. A probability of 0
+        skips its op, which draws nothing of its own (every draw comes from the one ``u`` below).
+        """
         cfg = self.cfg
         b, _, height, width = x.shape
+        mean, std, low, high = self._on(x.device)
         u = torch.rand(b, _DRAWS, generator=generator, device=x.device)
         boxes = augment.sample_crop_boxes(u[:, _AREA], u[:, _LOG_RATIO], u[:, _TOP], u[:, _LEFT],
                                           height, width, self.scale, self.ratio)
         v = augment.resized_crop(x, boxes, u[:, _FLIP] < cfg.hflip_p, self.size)
 
-        # ColorJitter's factor ranges: [max(0, 1 - a), 1 + a] for the blends, [-a, a] for the hue shift.
-        amount = torch.tensor(self.jitter, device=x.device)
-        low = torch.cat([(1 - amount[:3]).clamp(min=0), -amount[3:]])
-        high = torch.cat([1 + amount[:3], amount[3:]])
-        factors = low + (high - low) * u[:, _FACTORS]
-        order = u[:, _ORDER].argsort(dim=1)  # a uniformly random permutation per sample
-        v = augment.color_jitter(v, factors, order, u[:, _JITTER] < cfg.jitter_p)
-
-        if self.channels == 3:
-            grey = (u[:, _GREY] < cfg.grayscale_p).nonzero().squeeze(1)
-            v[grey] = augment.to_grayscale(v[grey])
-        if self.kernel_size > 1:
-            blur = (u[:, _BLUR] < cfg.blur_p).nonzero().squeeze(1)
-            if blur.numel():
-                sigma = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[blur, _SIGMA]
-                v[blur] = augment.gaussian_blur(v[blur], sigma, self.kernel_size)
-        solar = (u[:, _SOLARIZE] < cfg.solarize_p).nonzero().squeeze(1)
-        v[solar] = augment.solarize(v[solar])
-        return _normalise(v, self.mean, self.std)
+        if cfg.jitter_p > 0:
+            factors = low + (high - low) * u[:, _FACTORS]
+            order = u[:, _ORDER].argsort(dim=1)  # a uniformly random permutation per sample
+            v = augment.color_jitter(v, factors, order, u[:, _JITTER] < cfg.jitter_p)
+        if self.channels == 3 and cfg.grayscale_p > 0:
+            v = augment.apply_where(v, u[:, _GREY] < cfg.grayscale_p, augment.to_grayscale)
+        if self.kernel_size > 1 and cfg.blur_p > 0:
+            sigma = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[:, _SIGMA]
+            v = augment.apply_where(v, u[:, _BLUR] < cfg.blur_p,
+                                    lambda s, sig: augment.gaussian_blur(s, sig, self.kernel_size), sigma)
+        if cfg.solarize_p > 0:
+            v = augment.apply_where(v, u[:, _SOLARIZE] < cfg.solarize_p, augment.solarize)
+        return v.sub_(mean).div_(std)
 
 
 def eval_preprocess(images: Tensor, mean: Sequence[float], std: Sequence[float], size: int) -> Tensor:

@@ -56,33 +56,42 @@ def extract_features(
 
     Returns ``(features float32 [N, D] on the CPU, labels int64 [N])`` in dataset order; an encoder output
     with more than two dimensions is flattened to ``[B, D]``. Images skipped as unreadable (streaming
-    folders with data.skip_corrupt) have no row, and the log says how many.
+    folders with data.skip_corrupt) have no row, and the log says how many. Each batch is written into one
+    tensor allocated at the first batch, so the features are never held twice (raw pixels are large).
     """
     device = torch.device(device)
     modes = [(m, m.training) for m in encoder.modules()]
     encoder.eval()
-    feats, labels = [], []
+    feats = labels = None
+    n = 0
     try:
         for images, batch_labels in _batches(dataset, batch_size, num_workers, device.type == "cuda"):
-            out = encoder(preprocess(images.to(device, non_blocking=True)))
-            feats.append(out.flatten(1).float().cpu())
-            labels.append(batch_labels.long())
+            out = encoder(preprocess(images.to(device, non_blocking=True))).flatten(1)
+            if feats is None:
+                feats = torch.empty(len(dataset), out.shape[1])
+                labels = torch.empty(len(dataset), dtype=torch.long)
+            feats[n:n + len(out)] = out
+            labels[n:n + len(out)] = batch_labels
+            n += len(out)
     finally:
         # Restored per module: sub-modules frozen on purpose (eval inside a training model) stay frozen.
         for module, training in modes:
             module.training = training
-    return torch.cat(feats), torch.cat(labels)
+    if feats is None:
+        raise DataError("every image of the dataset was unreadable; there is nothing to extract features from")
+    return feats[:n], labels[:n]
 
 
 def raw_pixel_features(dataset: Dataset, *, preprocess: Callable[[Tensor], Tensor], batch_size: int = 512,
-                       num_workers: int = 0) -> tuple[Tensor, Tensor]:
+                       device: str | torch.device = "cpu", num_workers: int = 0) -> tuple[Tensor, Tensor]:
     """The baseline learned features must beat: the encoder's own input, flattened, with no encoder.
 
     ``preprocess`` is the encoder's (resize + per-channel normalisation), so the baseline sees the pixels
-    exactly as the encoder does; centring by the channel means matters for cosine similarity, which on
-    un-centred pixels mostly measures brightness. Returns ``(float32 [N, C*S*S], labels int64 [N])``.
+    exactly as the encoder does (the caller may pass it at a smaller size to bound memory); centring by the
+    channel means matters for cosine similarity, which on un-centred pixels mostly measures brightness.
+    Preprocessing runs on ``device``. Returns ``(float32 [N, C*S*S] on the CPU, labels int64 [N])``.
     """
-    return extract_features(nn.Flatten(), dataset, preprocess=preprocess, batch_size=batch_size,
+    return extract_features(nn.Flatten(), dataset, preprocess=preprocess, batch_size=batch_size, device=device,
                             num_workers=num_workers)
 
 

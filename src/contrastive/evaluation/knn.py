@@ -25,13 +25,16 @@ def knn_predict(
     k: int = 200,
     temperature: float = 0.07,
     chunk_size: int = 256,
+    device: str | torch.device | None = None,
 ) -> Tensor:
     """Predict a class for each test row by the similarity-weighted vote of its ``k`` nearest train rows.
 
     Shapes: ``train_feats [N, D]``, ``train_labels int [N]`` (all labelled), ``test_feats [M, D]``;
-    returns ``int64 [M]``. ``k`` is clipped to ``N``. Test rows go in chunks of ``chunk_size`` so at most a
-    ``[chunk_size, N]`` similarity block exists at a time (never the full ``[M, N]`` matrix). Ties in the
-    vote go to the lowest class index.
+    returns ``int64 [M]`` on the CPU. ``k`` is clipped to ``N``. Test rows go in chunks of ``chunk_size`` so
+    at most a ``[chunk_size, N]`` similarity block exists at a time (never the full ``[M, N]`` matrix). Ties
+    in the vote go to the lowest class index. The normalised bank and the similarities live on ``device``
+    (None: ``train_feats``' device; see :func:`knn_device`), filled a chunk at a time from the features
+    wherever they are.
     """
     check_labelled(train_feats, train_labels, num_classes=num_classes, role="train")
     if test_feats.dim() != 2 or test_feats.shape[1] != train_feats.shape[1]:
@@ -41,7 +44,11 @@ def knn_predict(
         raise DataError(f"kNN needs k >= 1, temperature > 0 and chunk_size >= 1; got k={k}, "
                         f"temperature={temperature}, chunk_size={chunk_size}")
     k = min(k, train_feats.shape[0])
-    bank = F.normalize(train_feats.float(), dim=1)  # [N, D]
+    device = train_feats.device if device is None else torch.device(device)
+    bank = torch.empty(train_feats.shape, device=device)  # [N, D]
+    for start in range(0, train_feats.shape[0], chunk_size):  # row by row: the same values as all at once
+        rows = train_feats[start:start + chunk_size]
+        bank[start:start + len(rows)] = F.normalize(rows.to(device, non_blocking=True).float(), dim=1)
     bank_labels = train_labels.to(bank.device).long()
     preds = []
     for start in range(0, test_feats.shape[0], chunk_size):
@@ -57,6 +64,18 @@ def knn_predict(
     return torch.cat(preds).cpu()
 
 
+def knn_device(train_feats: Tensor, device: str | torch.device) -> torch.device:
+    """Where :func:`knn_predict` runs: ``device`` when it is a GPU with room for the normalised bank and a
+    chunk's similarity blocks (in half its free memory), else the CPU. The bank of a large dataset does not
+    fit every GPU; the CPU holds it in host memory instead."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.device("cpu")
+    n, d = train_feats.shape
+    need = 4 * n * d + 4 * 4 * 256 * n  # float32 bank; similarities, their top-k and exp of a 256-row chunk
+    return device if need <= torch.cuda.mem_get_info(device)[0] // 2 else torch.device("cpu")
+
+
 def knn_top1(
     train_feats: Tensor,
     train_labels: Tensor,
@@ -67,9 +86,10 @@ def knn_top1(
     k: int = 200,
     temperature: float = 0.07,
     chunk_size: int = 256,
+    device: str | torch.device | None = None,
 ) -> float:
     """Top-1 accuracy in ``[0, 1]`` of :func:`knn_predict` against ``test_labels int [M]`` (all labelled)."""
     check_labelled(test_feats, test_labels, num_classes=num_classes, role="test")
     preds = knn_predict(train_feats, train_labels, test_feats, num_classes=num_classes, k=k,
-                        temperature=temperature, chunk_size=chunk_size)
+                        temperature=temperature, chunk_size=chunk_size, device=device)
     return (preds == test_labels.cpu().long()).float().mean().item()

@@ -2,7 +2,8 @@
 
 A checkpoint holds the config, the epoch and step reached, the method's state dict (weights and
 buffers: queue, memory bank, EMA teacher, centre), the optimiser, the gradient scaler, and the RNG
-states, so that resuming continues exactly as if the run had never stopped.
+states, so that resuming continues exactly as if the run had never stopped. Its tensors are CPU copies
+(:func:`to_cpu`), so it loads on a machine without the GPU it was trained on.
 """
 
 from __future__ import annotations
@@ -41,6 +42,18 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor replaced by a detached CPU copy (a CPU tensor is kept as it is), through
+    dicts, lists and tuples: a state dict on a GPU becomes one that loads on any machine."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def rng_state() -> dict:

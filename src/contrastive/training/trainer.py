@@ -32,7 +32,8 @@ from contrastive.data.preprocess import Preprocess
 from contrastive.data.views import make_views
 from contrastive.errors import CheckpointError, ConfigError, NonFiniteLossError
 from contrastive.methods.base import STREAM_GLOBAL, Batch, BuildContext, Method, StepInfo, StepOutput, step_seed
-from contrastive.training.checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
+from contrastive.training.checkpoint import (FORMAT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state,
+                                             to_cpu)
 from contrastive.training.optim import build_optimizer
 from contrastive.training.schedules import lr_at, scaled_lr
 
@@ -47,32 +48,101 @@ _DATA_OPERATIONAL = {"data_dir", "download", "num_workers"}
 
 
 def resolve_device(name: str) -> torch.device:
-    """auto: CUDA when available. Under torchrun a bare ``cuda`` means this process's GPU, cuda:LOCAL_RANK."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    """The device this process runs on, from ``train.device`` and what is visible.
+
+    auto: CUDA when available, else the CPU. A bare ``cuda`` (or auto) under torchrun is this process's own
+    GPU: cuda:LOCAL_RANK, or cuda:0 when the launcher shows each process a single GPU (``srun
+    --gpus-per-task=1``, where LOCAL_RANK may exceed the visible count). Refused with a ConfigError: an
+    explicit ``cuda:N`` shared by several processes of one machine (NCCL's "Duplicate GPU detected"), and an
+    index or LOCAL_RANK beyond the visible GPUs (CUDA's "invalid device ordinal").
+    """
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError:
+        raise ConfigError(f"train.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type != "cuda":
         return device
     if not torch.cuda.is_available():
         raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu or auto")
-    if device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    visible = torch.cuda.device_count()
+    shown = f"{visible} GPU{'s' if visible != 1 else ''} visible (CUDA_VISIBLE_DEVICES=" \
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+    local_rank = os.environ.get("LOCAL_RANK")
+    # processes on this machine: torchrun's LOCAL_WORLD_SIZE, else (another launcher) at most WORLD_SIZE
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if device.index is not None:
+        if processes > 1:
+            raise ConfigError(f"train.device={name} with {processes} processes on this machine would put every "
+                              f"process on GPU {device.index}; use train.device=cuda (or auto), which gives each "
+                              f"process its own GPU")
+        if device.index >= visible:
+            raise ConfigError(f"train.device={name} but {shown}; pick an index below {visible}")
+    elif local_rank is None or visible == 1:
+        device = torch.device("cuda", 0)
+    elif int(local_rank) < visible:
+        device = torch.device("cuda", int(local_rank))
+    else:
+        raise ConfigError(f"LOCAL_RANK={local_rank} but {shown}; start at most {visible} processes per machine "
+                          f"(torchrun --nproc-per-node={visible}) or show each process its own GPU")
     torch.cuda.set_device(device)
     return device
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full fp32."""
+    """The autocast dtype, or None for full fp32.
+
+    auto: bf16 on a GPU with native bf16 (compute capability 8.0 and newer); on older GPUs bf16 is emulated
+    and slow (``torch.cuda.is_bf16_supported()`` says True on a T4 or V100), so fp16 with loss scaling where
+    tensor cores run it (7.0 and newer), else fp32; fp32 on other devices. The choice is logged.
+    """
     if name == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else None
+        if device.type != "cuda":
+            dtype, why = None, f"the {device.type} device"
+        elif torch.cuda.is_bf16_supported(including_emulation=False):
+            dtype, why = torch.bfloat16, f"{torch.cuda.get_device_name(device)} runs bf16 natively"
+        elif torch.cuda.get_device_capability(device) >= (7, 0):
+            dtype, why = torch.float16, (f"{torch.cuda.get_device_name(device)} has no native bf16 but fp16 "
+                                         f"tensor cores; gradients are loss-scaled")
+        else:
+            dtype, why = None, f"{torch.cuda.get_device_name(device)} has neither native bf16 nor fp16 tensor cores"
+        log.info("train.precision=auto: %s on %s", _PRECISION_NAMES[dtype], why)
+        return dtype
     if name == "fp32":
         return None
     if name == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            log.warning("train.precision=bf16: %s emulates bf16, which is slow; fp16 (or auto) is faster there",
+                        torch.cuda.get_device_name(device))
         return torch.bfloat16
     if name == "fp16":
         if device.type != "cuda":
             raise ConfigError("train.precision=fp16 needs a CUDA device; on a CPU use bf16 or fp32")
         return torch.float16
     raise ConfigError(f"train.precision={name!r} is not one of auto, fp32, bf16, fp16")
+
+
+_PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
+
+
+def cuda_settings(cfg, device: torch.device) -> None:
+    """cuDNN autotuning and TF32 as ``train.cudnn_benchmark`` / ``train.tf32`` say, logged; CUDA only.
+
+    Process-wide settings (torch keeps them globally); set with the legacy API, which keeps torch's two
+    ways of reading them consistent.
+    """
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+    log.info("cuda: cudnn.benchmark=%s, TF32 for fp32 matmuls and convolutions=%s (train.cudnn_benchmark, "
+             "train.tf32)", cfg.cudnn_benchmark, cfg.tf32)
+
+
+def keep_on_device(setting: bool | None, nbytes: int, free_bytes: int) -> bool:
+    """Whether an in-memory dataset of ``nbytes`` goes to the GPU (``train.data_on_device``): as set, or
+    (None) when it takes at most a quarter of the GPU's free memory, leaving the rest to training."""
+    return setting if setting is not None else nbytes <= free_bytes // 4
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -110,7 +180,7 @@ class Trainer:
         self.cfg = cfg
         self.output = Path(output)
         self.device = resolve_device(cfg.train.device)
-        distributed.init_from_env(self.device)
+        distributed.init_from_env(self.device, timeout_s=cfg.train.dist_timeout_s)
         self.world = distributed.world_size()
         if cfg.train.batch_size % self.world:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
@@ -125,6 +195,7 @@ class Trainer:
         self.dataset = dataset
         self.context = BuildContext.for_run(cfg, dataset, self.world)  # saved, so the method can be rebuilt
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
+        cuda_settings(cfg.train, self.device)
         self.method = method.to(self.device)
         if self._sync_batchnorm():  # in place, where the method wants it: the method object stays the caller's
             self.method.sync_batchnorm()
@@ -147,13 +218,31 @@ class Trainer:
         self.step = 0
         self.epoch_batch = 0  # index batches of this epoch consumed (trained on, or skipped as unreadable)
         self.skipped_images = 0  # unreadable images skipped under data.skip_corrupt (streaming mode)
+        # The first step whose loss was not finite (-1: none yet) and that loss, kept on the device: reading
+        # them is a host synchronisation, done only where the host waits anyway (a log row, a checkpoint).
+        self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._bad_loss = torch.zeros((), device=self.device)
+        self._images = self._place_images()
 
     def _sync_batchnorm(self) -> bool:
         want = self.cfg.train.sync_batchnorm
-        if want and self.device.type != "cuda":
+        if want and self.device.type == "cpu":
             raise ConfigError("train.sync_batchnorm=true needs CUDA devices (torch's SyncBatchNorm); on CPU "
                               "processes set it to false or leave it unset")
-        return self.world > 1 and self.device.type == "cuda" and want is not False
+        return self.world > 1 and self.device.type != "cpu" and want is not False
+
+    def _place_images(self) -> torch.Tensor | None:
+        """The in-memory dataset's uint8 images where tensor views index them: on the GPU when they fit
+        (``keep_on_device``: a batch is then an index there, no host copy), else on the host; None when the
+        data is read per item (the DataLoader pins its batches)."""
+        images = getattr(self.dataset, "images", None)
+        if self.cfg.views.backend != "tensor" or not isinstance(images, torch.Tensor):
+            return None
+        if self.device.type == "cuda" and keep_on_device(self.cfg.train.data_on_device, images.nbytes,
+                                                         torch.cuda.mem_get_info(self.device)[0]):
+            log.info("the dataset's %.0f MB of uint8 images are kept on %s", images.nbytes / 2**20, self.device)
+            return images.to(self.device)
+        return images
 
     # ---------------------------------------------------------------- state
 
@@ -164,8 +253,9 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "epoch_batch": self.epoch_batch,
-            "method": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            # CPU copies: the file loads on a machine without this run's GPU; loading copies them back
+            "method": to_cpu(self.method.state_dict()),
+            "optimizer": to_cpu(self.optimizer.state_dict()),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "preprocess": asdict(Preprocess.for_dataset(self.dataset, self.cfg.views.size)),
@@ -190,12 +280,26 @@ class Trainer:
                                       f"{b!r} now; resume with the checkpoint's config (its config.yaml)")
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        self._load_scaler(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         self.epoch, self.step, self.epoch_batch = ckpt["epoch"], ckpt["step"], ckpt["epoch_batch"]
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
 
+    def _load_scaler(self, state: dict) -> None:
+        """The fp16 loss scale from a checkpoint; a run resumed in another precision starts its own.
+
+        A disabled scaler (fp32, bf16) saves ``{}``; torch refuses to load that into an enabled one (fp16).
+        """
+        if self.scaler.is_enabled() and not state:
+            log.info("resuming in fp16 from a checkpoint trained in fp32 or bf16: the loss scale starts afresh")
+            return
+        if state and not self.scaler.is_enabled():
+            log.info("resuming without fp16 from a checkpoint trained in fp16: its loss scale is not needed")
+            return
+        self.scaler.load_state_dict(state)
+
     def save(self) -> Path:
+        self._check_finite()  # never write weights that a non-finite loss has reached
         path = self.output / CHECKPOINT_NAME
         if distributed.is_main():
             atomic_save(self.state_dict(), path)
@@ -209,14 +313,21 @@ class Trainer:
         index_batches = epoch_batches(len(self.dataset), self.cfg.train.batch_size, self.cfg.seed, epoch)
         # after a resume from a mid-epoch checkpoint (max_steps, time budget), skip the batches already done
         index_batches = index_batches[self.epoch_batch:]
-        images = getattr(self.dataset, "images", None)
-        if self.cfg.views.backend == "tensor" and isinstance(images, torch.Tensor):
-            # decoded in memory already: index it, no loader processes needed
+        images = self._images
+        if images is not None:
+            # decoded in memory already: index it, no loader processes needed; on the GPU (dataset kept there)
+            # or gathered straight into pinned memory, so the copy to the GPU does not block the host
             labels = self.dataset.labels
+            pin = self.device.type == "cuda" and images.device.type == "cpu"
             for idx in index_batches:
                 self.epoch_batch += 1
                 index = torch.tensor(idx)
-                yield images[index], index, labels[index]
+                if images.device.type == "cpu":
+                    out = torch.empty((len(idx), *images.shape[1:]), dtype=images.dtype, pin_memory=pin)
+                    batch = torch.index_select(images, 0, index, out=out)
+                else:
+                    batch = images[index.to(images.device, non_blocking=True)]
+                yield batch, index, labels[index]
             return
         dataset = self.dataset
         if self.cfg.views.backend == "pil":
@@ -288,6 +399,7 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                     if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                        self._check_finite()
                         now = time.perf_counter()
                         ips = (images_seen - last_log_images) / max(now - last_log_t, 1e-9)
                         last_log_t, last_log_images = now, images_seen
@@ -310,6 +422,7 @@ class Trainer:
                         self.save()
             if stopped is not None:
                 self.save()
+            self._check_finite()
         finally:
             if bar is not None:
                 bar.close()
@@ -343,13 +456,11 @@ class Trainer:
                     else nullcontext())
         with autocast:
             out = self.model(batch, step=info)
-        # the mean over ranks is non-finite when any rank's loss is, so every rank stops together
-        if not torch.isfinite(distributed.all_reduce_mean(out.loss)):
-            raise NonFiniteLossError(
-                f"the loss became {out.loss.item()} at epoch {self.epoch}, step {self.step} (lr {lr:.4g}). "
-                f"Lower optim.lr, set optim.grad_clip (for example 1.0), lengthen optim.warmup_epochs, "
-                f"or use train.precision=fp32 if you trained in fp16; the last good checkpoint is in {self.output}"
-            )
+        # noted on the device without waiting for it; _check_finite reads it at the next log row or checkpoint
+        loss = out.loss.detach()
+        first = torch.isfinite(loss).logical_not_().logical_and_(self._bad_step < 0)
+        self._bad_step = torch.where(first, self.step, self._bad_step)
+        self._bad_loss = torch.where(first, loss.float(), self._bad_loss)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
         if self.cfg.optim.grad_clip is not None:
@@ -363,6 +474,24 @@ class Trainer:
             self.method.after_step({k: v.detach() for k, v in out.updates.items()}, info)
         self.step += 1
         return out
+
+
+    def _check_finite(self) -> None:
+        """Stop with advice when a loss since the last check was not finite, on every rank at once (the
+        first such step over all ranks). One host synchronisation, at a log row or a checkpoint."""
+        # none here: past the last step, so the minimum over ranks is the first bad step anywhere
+        bad = torch.where(self._bad_step < 0, self.total_steps, self._bad_step)
+        step = int(distributed.all_reduce_min(bad))
+        if step == self.total_steps:
+            return
+        lr = lr_at(step, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch, optim=self.cfg.optim,
+                   peak=self.peak_lr)
+        value = f"{self._bad_loss.item()}" if int(self._bad_step) == step else "non-finite on another process"
+        raise NonFiniteLossError(
+            f"the loss became {value} at epoch {step // self.steps_per_epoch}, step {step} (lr {lr:.4g}). "
+            f"Lower optim.lr, set optim.grad_clip (for example 1.0), lengthen optim.warmup_epochs, "
+            f"or use train.precision=fp32 if you trained in fp16; the last good checkpoint is in {self.output}"
+        )
 
 
 def _ddp_options(options: dict) -> dict:
