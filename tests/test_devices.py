@@ -1,0 +1,571 @@
+"""The GPU road, proven on the CPU: device consistency, host synchronisations, device and precision choice,
+process-group options, trainer wiring, checkpoints and resume across precisions, torch.compile.
+
+No GPU is needed. Device placement is checked by running on CPU inputs inside ``torch.device("meta")``
+with a dispatch guard: a tensor made without ``device=`` lands on meta and the first op that mixes it with
+a CPU tensor raises. Host synchronisations are counted at the dispatcher on the accelerator code path,
+forced onto CPU tensors. What needs CUDA itself (device count, bf16 support, NCCL) is monkeypatched.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from contrastive import api, distributed, losses
+from contrastive.config import ViewConfig, recipe_dir, resolve_config
+from contrastive.data import augment, load_splits
+from contrastive.data.preprocess import Preprocess
+from contrastive.data.views import TensorViews, eval_preprocess
+from contrastive.errors import ConfigError, NonFiniteLossError
+from contrastive.evaluation import knn_device, knn_predict, knn_top1, raw_pixel_features
+from contrastive.methods.base import Batch, BuildContext, Method, MethodSpec, StepInfo, StepOutput
+from contrastive.registry import lookup, names, register
+from contrastive.training import trainer as trainer_module
+from contrastive.training.trainer import Trainer, keep_on_device, resolve_device, resolve_precision
+
+aten = torch.ops.aten
+
+# ------------------------------------------------------------------------------------------------------------
+# the device guard
+
+
+class DeviceMixError(AssertionError):
+    pass
+
+
+# Ops whose job is to move data between devices.
+_COPIES = {aten._to_copy.default, aten.copy_.default, aten._copy_from.default, aten._copy_from_and_resize.default}
+
+
+class DeviceGuard(TorchDispatchMode):
+    """Raises when one op gets tensors on different devices. A 0-dim CPU tensor is a scalar torch accepts
+    beside any device's tensors (``x * torch.tensor(2.0)``), so it is allowed."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in _COPIES:
+            devices = {t.device for t in tree_leaves((args, kwargs))
+                       if isinstance(t, torch.Tensor) and not (t.dim() == 0 and t.device.type == "cpu")}
+            if len(devices) > 1:
+                raise DeviceMixError(f"{func} mixes devices {sorted(map(str, devices))}")
+        return func(*args, **kwargs)
+
+
+def guarded(fn, *args, **kwargs):
+    """``fn`` on CPU inputs with meta the default device: any tensor made without ``device=`` is meta."""
+    with torch.device("meta"), DeviceGuard():
+        return fn(*args, **kwargs)
+
+
+def test_the_guard_raises_on_mixed_devices_and_allows_cpu_scalars():
+    with pytest.raises(DeviceMixError, match="mixes devices"):
+        guarded(lambda: torch.ones(3, device="cpu") + torch.arange(3))
+    with DeviceGuard():
+        torch.ones(3, device="meta") * torch.tensor(2.0)  # a 0-dim CPU scalar is fine
+        torch.ones(3).to("meta")  # moving data is what copies are for
+
+
+def _on_cpu(*tensors):
+    assert all(t.device.type == "cpu" for t in tree_leaves(tensors) if isinstance(t, torch.Tensor))
+
+
+def _images(b, c, side, seed=0):
+    return torch.randint(0, 256, (b, c, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+# every random op on, so every branch of the views runs
+ALL_ON = dict(hflip_p=0.5, jitter_p=0.8, grayscale_p=0.5, blur_p=0.5, blur_kernel_frac=0.2, solarize_p=0.5)
+
+
+@pytest.mark.parametrize("path", ["indexed", "masked"])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_views_stay_on_the_input_device(monkeypatch, path, channels):
+    if path == "masked":
+        monkeypatch.setattr(augment, "by_index", lambda x: False)
+    views = TensorViews(ViewConfig(**ALL_ON), [0.5] * channels, [0.25] * channels, channels, in_size=16)
+    out = guarded(views, _images(8, channels, 16), torch.Generator().manual_seed(0))
+    _on_cpu(out)
+
+
+def test_evaluation_preprocessing_stays_on_the_input_device():
+    x = _images(4, 3, 16)
+    _on_cpu(guarded(eval_preprocess, x, [0.5] * 3, [0.25] * 3, 16), guarded(eval_preprocess, x, [0.5] * 3, [0.25] * 3, 8))
+    _on_cpu(guarded(Preprocess(3, 12, (0.5,) * 3, (0.25,) * 3), x))
+
+
+def _loss_examples():
+    g = torch.Generator().manual_seed(0)
+    z = lambda *shape: torch.randn(*shape, generator=g).requires_grad_()  # noqa: E731
+    unit = lambda *shape: F.normalize(torch.randn(*shape, generator=g), dim=1)  # noqa: E731
+    return {
+        "nt_xent": lambda: (z(6, 8), z(6, 8), 0.5),
+        "info_nce_queue": lambda: (unit(6, 8).requires_grad_(), unit(6, 8), unit(32, 8), 0.2),
+        "info_nce_batch": lambda: (z(6, 8), z(6, 8).detach(), 0.2),
+    }
+
+
+def test_every_loss_stays_on_the_input_device():
+    examples = _loss_examples()
+    # a loss added to losses/ needs an example here: none is skipped silently
+    assert set(examples) == set(losses.__all__), f"add example inputs for {set(losses.__all__) - set(examples)}"
+    for name, make in examples.items():
+        inputs = make()
+        loss = guarded(getattr(losses, name), *inputs)
+        guarded(loss.backward)
+        assert loss.device.type == "cpu" and torch.isfinite(loss), name
+        grads = [t.grad for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        assert all(g is not None for g in grads) and grads, name
+        _on_cpu(grads)
+
+
+def test_knn_stays_on_the_input_device():
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(40, 8, generator=g), torch.randn(10, 8, generator=g)
+    labels = torch.arange(40) % 3
+    for device in (None, "cpu"):
+        preds = guarded(knn_predict, train, labels, test, num_classes=3, k=5, chunk_size=4, device=device)
+        _on_cpu(preds)
+        assert torch.equal(preds, knn_predict(train, labels, test, num_classes=3, k=5))
+
+
+def _library_methods() -> list[str]:
+    """Every method the library registers (not methods that tests register for themselves)."""
+    return [n for n in names("methods") if lookup("methods", n).build.__module__.startswith("contrastive.methods.")]
+
+
+def _tiny_method(name: str, n: int = 8):
+    """The method built from its digits (else CIFAR-10) recipe for a batch of n images at 16 px, a batch
+    for it, and a StepInfo."""
+    recipe = next((p for p in (recipe_dir() / f"{name}-{d}.yaml" for d in ("digits", "cifar10")) if p.is_file()), None)
+    assert recipe is not None, f"{name} has no digits or cifar10 recipe; add configs/{name}-digits.yaml"
+    cfg = resolve_config(recipe=recipe)
+    channels = 1 if recipe.stem.endswith("digits") else 3
+    ctx = BuildContext(channels=channels, image_size=16, dataset_size=64, num_classes=10, batch_size=n, world_size=1,
+                       steps_per_epoch=4, epochs=2, backbone_section=cfg.backbone)
+    torch.manual_seed(0)
+    method = api.build_method(cfg, ctx)
+    g = torch.Generator().manual_seed(1)
+    views = [torch.randn(n, channels, 16, 16, generator=g) for _ in range(cfg.views.n_views)]
+    batch = Batch(views=views, index=torch.randperm(64, generator=g)[:n], label=torch.arange(n) % 10)
+    return method, batch, StepInfo(step=1, epoch=0, total_steps=8, steps_per_epoch=4, epochs=2)
+
+
+def test_every_method_stays_on_the_input_device():
+    """forward, backward and after_step of every registered method, on CPU inputs with meta the default device."""
+    methods = _library_methods()
+    assert {"simclr", "moco-v2"} <= set(methods)
+    for name in methods:
+        method, batch, info = _tiny_method(name)
+        out = guarded(method, batch, step=info)
+        guarded(out.loss.backward)
+        with torch.no_grad():
+            guarded(method.after_step, {k: v.detach() for k, v in out.updates.items()}, info)
+        assert torch.isfinite(out.loss), name
+        _on_cpu(out.loss, list(out.metrics.values()), list(out.updates.values()), list(method.state_dict().values()))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# host synchronisations, counted at the dispatcher
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the ops that make the host wait for an accelerator: ``nonzero`` and boolean-mask indexing
+    (the result's size), ``.item()`` / ``int()`` / ``bool()`` of a tensor (``_local_scalar_dense``), and a
+    tensor made from Python data (``lift_fresh``: a blocking copy when it is made on the device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (aten.nonzero.default, aten._local_scalar_dense.default, aten.lift_fresh.default,
+                    aten.masked_select.default):
+            self.counts[func._overloadpacket.__name__] += 1
+        elif func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default) and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None):
+            self.counts["boolean index"] += 1
+        return func(*args, **kwargs)
+
+
+def test_views_on_an_accelerator_never_synchronise(monkeypatch):
+    views = TensorViews(ViewConfig(**ALL_ON), [0.5] * 3, [0.25] * 3, 3, in_size=16)
+    x = _images(32, 3, 16)
+    views(x, torch.Generator().manual_seed(0))  # the first call makes the per-device constants once
+    with SyncCounter() as cpu_path:
+        views(x, torch.Generator().manual_seed(1))
+    # the CPU path indexes the selected samples, and the counter sees it: per view 16 jitter slots and ops,
+    # grey, blur and solarize
+    assert cpu_path.counts == {"nonzero": 2 * 19}
+    monkeypatch.setattr(augment, "by_index", lambda x: False)
+    with SyncCounter() as masked:
+        views(x, torch.Generator().manual_seed(1))
+    assert masked.counts == {}
+
+
+CONFIGS = [dict(jitter_strength=0.5), ALL_ON, dict(ALL_ON, jitter=[0.4, 0.4, 0.4, 0.4], blur_kernel_frac=0.4)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("channels, side, size", [(3, 16, None), (1, 16, 12), (3, 24, 20)])
+def test_indexed_and_masked_views_are_identical(monkeypatch, cfg, channels, side, size):
+    views = TensorViews(ViewConfig(size=size, **cfg), [0.4] * channels, [0.2] * channels, channels, in_size=side)
+    x = _images(13, channels, side, seed=side)
+    indexed = views(x, torch.Generator().manual_seed(5))
+    monkeypatch.setattr(augment, "by_index", lambda x: False)
+    masked = views(x, torch.Generator().manual_seed(5))
+    for a, b in zip(indexed, masked):
+        assert torch.equal(a, b)
+    assert not torch.equal(indexed[0], views(x, torch.Generator().manual_seed(6))[0])
+
+
+@dataclasses.dataclass
+class PlainConfig:
+    nan_at: int = -1  # the step whose loss is made NaN
+
+
+class Plain(Method):
+    """A method whose own step makes no host synchronisation: the trainer's are what is counted."""
+
+    def __init__(self, ctx: BuildContext, cfg: PlainConfig):
+        super().__init__()
+        self.backbone, self.feature_dim = ctx.build_backbone()
+        self.nan_at = cfg.nan_at
+
+    def forward(self, batch: Batch, *, step: StepInfo) -> StepOutput:
+        a, b = (self.backbone(v) for v in batch.views)
+        loss = (a - b).pow(2).mean() + (float("nan") if step.step == self.nan_at else 0.0)
+        return StepOutput(loss=loss, metrics={"a_mean": a.mean().detach()})
+
+
+register("methods", "plain-test")(MethodSpec(PlainConfig, Plain))
+
+FAST = ["data.image_size=8", "train.batch_size=32", "train.progress=false", "eval.enabled=false",
+        "views.crop_scale=[0.5,1.0]", "views.jitter_p=0.8", "views.blur_p=0.5", "views.blur_kernel_frac=0.4",
+        "views.solarize_p=0.5"]
+
+
+def _trainer(tmp_path, *extra, method="plain-test"):
+    cfg = resolve_config(tree={"data": {"name": "digits"}, "method": {"name": method}},
+                         overrides=FAST + [f"train.output={tmp_path}", *extra])
+    data = load_splits(cfg.data).pretrain
+    torch.manual_seed(cfg.seed)
+    return Trainer(cfg, api.build_method(cfg, BuildContext.for_run(cfg, data)), data, tmp_path)
+
+
+def test_a_training_step_on_an_accelerator_never_synchronises(monkeypatch, tmp_path):
+    """Views, the batch, forward, backward, the optimiser and the non-finite check: no host synchronisation
+    between log rows; the log row reads the loss, the metric and the non-finite check."""
+    monkeypatch.setattr(augment, "by_index", lambda x: False)
+    trainer = _trainer(tmp_path, "train.epochs=1", "train.max_steps=4", "train.log_every=4", "optim.grad_clip=1.0")
+    counts = []
+    step = trainer._train_step
+
+    def counted(*args, **kwargs):
+        with SyncCounter() as c:
+            out = step(*args, **kwargs)
+        counts.append(c.counts)
+        return out
+
+    monkeypatch.setattr(trainer, "_train_step", counted)
+    check = trainer._check_finite
+    checks = []
+
+    def counted_check():
+        with SyncCounter() as c:
+            check()
+        checks.append(c.counts)
+
+    monkeypatch.setattr(trainer, "_check_finite", counted_check)
+    trainer.fit()
+    # the views' per-device constants (mean, std, jitter ranges) are made on the first step, then never again
+    assert counts == [{"lift_fresh": 3}, {}, {}, {}]
+    assert checks[0] == {"_local_scalar_dense": 1}  # the log row's check: one read of the first bad step
+
+
+@pytest.mark.parametrize("log_every", [1, 100])
+def test_a_non_finite_loss_is_reported_at_its_step_and_never_saved(tmp_path, log_every):
+    trainer = _trainer(tmp_path, "train.epochs=1", "train.max_steps=8", f"train.log_every={log_every}",
+                       "method.nan_at=3")
+    with pytest.raises(NonFiniteLossError, match=r"the loss became nan at epoch 0, step 3 .*Lower optim.lr"):
+        trainer.fit()
+    # caught at the next log row (step 4) or, with no log row before it, before the checkpoint at max_steps
+    assert trainer.step == (4 if log_every == 1 else 8)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# which device, which precision, which process group
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """A machine that shows ``visible`` GPUs (2 unless changed), and no torchrun variables."""
+    state = {"visible": 2, "set": []}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: state["visible"])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: state["set"].append(d))
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    return state
+
+
+def _torchrun(monkeypatch, local_rank, local_world):
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    monkeypatch.setenv("WORLD_SIZE", str(local_world))
+    monkeypatch.setenv("RANK", str(local_rank))
+
+
+def test_device_under_torchrun_is_this_processs_gpu(monkeypatch, two_gpus):
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    _torchrun(monkeypatch, 1, 2)
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 1)
+    assert two_gpus["set"][-1] == torch.device("cuda", 1)
+
+
+def test_one_visible_gpu_per_process_is_cuda_0(monkeypatch, two_gpus):
+    two_gpus["visible"] = 1  # srun --gpus-per-task=1: LOCAL_RANK 3 sees one GPU, its own
+    _torchrun(monkeypatch, 3, 4)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("device, local_rank, local_world, match", [
+    ("cuda:0", 0, 2, "would put every process on GPU 0; use train.device=cuda"),
+    ("cuda:0", 1, 2, "would put every process on GPU 0"),
+    ("cuda", 3, 4, "LOCAL_RANK=3 but 2 GPUs visible .*--nproc-per-node=2"),
+    ("cuda:2", 0, 1, "train.device=cuda:2 but 2 GPUs visible"),
+    ("gpu0", 0, 1, "train.device='gpu0' is not a device"),
+])
+def test_contradictory_devices_are_refused(monkeypatch, two_gpus, device, local_rank, local_world, match):
+    _torchrun(monkeypatch, local_rank, local_world)
+    with pytest.raises(ConfigError, match=match):
+        resolve_device(device)
+
+
+def test_an_explicit_gpu_is_fine_for_one_process(two_gpus):
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
+GPUS = {  # name: (capability, native bf16)
+    "NVIDIA A100-SXM4-80GB": ((8, 0), True),
+    "Tesla T4": ((7, 5), False),
+    "Tesla V100-SXM2-16GB": ((7, 0), False),
+    "Tesla P100-PCIE-16GB": ((6, 0), False),
+}
+
+
+@pytest.mark.parametrize("gpu, expected", [("NVIDIA A100-SXM4-80GB", torch.bfloat16), ("Tesla T4", torch.float16),
+                                           ("Tesla V100-SXM2-16GB", torch.float16), ("Tesla P100-PCIE-16GB", None)])
+def test_auto_precision_takes_bf16_only_where_it_is_native(monkeypatch, caplog, gpu, expected):
+    capability, native = GPUS[gpu]
+    # torch.cuda.is_bf16_supported() says True on every CUDA 11+ GPU, emulated or not
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: gpu)
+    with caplog.at_level(logging.INFO, logger="contrastive.train"):
+        assert resolve_precision("auto", torch.device("cuda", 0)) == expected
+    named = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[expected]
+    assert f"train.precision=auto: {named}" in caplog.text and gpu in caplog.text
+    if not native:
+        with caplog.at_level(logging.WARNING, logger="contrastive.train"):
+            assert resolve_precision("bf16", torch.device("cuda", 0)) == torch.bfloat16
+        assert "emulates bf16, which is slow" in caplog.text
+    assert resolve_precision("auto", torch.device("cpu")) is None
+
+
+def test_the_process_group_gets_the_device_and_the_timeout(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.init_from_env(torch.device("cuda", 1), timeout_s=5400)
+    assert calls[-1] == {"backend": "nccl", "timeout": datetime.timedelta(seconds=5400),
+                         "device_id": torch.device("cuda", 1)}
+    distributed.init_from_env(torch.device("cpu"), timeout_s=60)
+    assert calls[-1] == {"backend": "gloo", "timeout": datetime.timedelta(seconds=60), "device_id": None}
+    # the trainer passes train.dist_timeout_s
+    _trainer(tmp_path, "train.dist_timeout_s=7200", "train.device=cpu")
+    assert calls[-1]["timeout"] == datetime.timedelta(hours=2)
+
+
+def test_dataset_goes_to_the_gpu_when_it_fits():
+    assert keep_on_device(None, 150 * 2**20, 8 * 2**30)  # CIFAR-10 on an 8 GB card
+    assert not keep_on_device(None, 3 * 2**30, 8 * 2**30)
+    assert keep_on_device(True, 3 * 2**30, 8 * 2**30) and not keep_on_device(False, 1, 8 * 2**30)
+
+
+def test_knn_runs_on_the_gpu_only_when_the_bank_fits(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (2 * 2**30, 16 * 2**30))
+    small, large = torch.empty(50_000, 512), torch.empty(1_281_167, 2048)
+    assert knn_device(small, "cuda:0") == torch.device("cuda", 0)
+    assert knn_device(large, "cuda:0") == torch.device("cpu")  # 10 GB of bank: not in 1 GB
+    assert knn_device(small, "cpu") == torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the trainer's wiring on a non-CPU device with two processes (meta stands in for the GPUs, DDP is recorded)
+
+
+class RecordedDDP(nn.Module):
+    made: list = []
+
+    def __init__(self, module, **kwargs):
+        super().__init__()
+        self.module, self.kwargs = module, kwargs
+        RecordedDDP.made.append(self)
+
+
+@pytest.fixture
+def meta_world(monkeypatch):
+    """Trainers built here train on the meta device as one of two processes."""
+    RecordedDDP.made = []
+    monkeypatch.setattr(trainer_module, "resolve_device", lambda name: torch.device("meta"))
+    monkeypatch.setattr(distributed, "init_from_env", lambda device, timeout_s: False)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(trainer_module, "DistributedDataParallel", RecordedDDP)
+
+
+def _meta_trainer(tmp_path, method, *extra):
+    cfg = resolve_config(tree={"data": {"name": "digits"}, "method": {"name": method}},
+                         overrides=[f"train.output={tmp_path}", "data.image_size=16", *extra])
+    data = load_splits(cfg.data).pretrain
+    torch.manual_seed(0)
+    return Trainer(cfg, api.build_method(cfg, BuildContext.for_run(cfg, data, 2)), data, tmp_path)
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco-v2"])
+def test_trainer_wiring_on_two_devices(meta_world, tmp_path, method):
+    from contrastive.nn.shuffle_bn import SplitBatchNorm
+
+    trainer = _meta_trainer(tmp_path, method)
+    m = trainer.method
+    (ddp,) = RecordedDDP.made
+    assert trainer.model is ddp and ddp.module is m
+    assert ddp.kwargs.get("forward_sync_buffers", ddp.kwargs.get("broadcast_buffers")) is False
+    plain = [type(b).__name__ for b in m.modules() if isinstance(b, _BatchNorm)
+             and not isinstance(b, (nn.SyncBatchNorm, SplitBatchNorm))]
+    assert plain == []  # SyncBN where the method wants it; MoCo keeps its per-process split groups
+    synced = sum(isinstance(b, nn.SyncBatchNorm) for b in m.modules())
+    assert synced > 0 if method == "simclr" else synced == 0
+    weights = [p for p in m.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert all(t.device.type == "meta" for t in m.state_dict().values())
+    trained = [id(p) for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert sorted(trained) == sorted(id(p) for p in m.parameters() if p.requires_grad)
+    assert len(trained) == len(set(trained))
+
+
+def test_checkpoint_state_is_on_the_cpu(meta_world, monkeypatch, tmp_path):
+    trainer = _meta_trainer(tmp_path, "moco-v2", "optim.name=sgd")
+    for p in trainer.method.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    trainer.optimizer.step()  # momentum buffers on the device
+    # meta tensors hold no data: their "CPU copy" is an empty CPU tensor of the same shape
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t: torch.empty_like(t, device="cpu") if t.is_meta else real_cpu(t))
+    state = trainer.state_dict()
+    tensors = [t for t in tree_leaves(state) if isinstance(t, torch.Tensor)]
+    assert len(tensors) > 2 * len(list(trainer.method.parameters()))  # weights, buffers and momentum
+    assert all(t.device.type == "cpu" for t in tensors)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# resuming in another precision
+
+
+def _resume_run(tmp_path, precision, max_steps, monkeypatch, resume=True):
+    """A run on the CPU in ``precision``; fp16, which needs CUDA, is let through to CPU autocast."""
+    real = trainer_module.resolve_precision
+    monkeypatch.setattr(trainer_module, "resolve_precision",
+                        lambda name, device: torch.float16 if name == "fp16" else real(name, device))
+    extra = [f"train.precision={precision}", "train.epochs=1", f"train.max_steps={max_steps}", "train.log_every=1"]
+    if resume:
+        extra.append(f"train.resume={tmp_path / 'checkpoint.pt'}")
+    trainer = _trainer(tmp_path, *extra, method="simclr")
+    trainer.fit()
+    return trainer
+
+
+@pytest.mark.parametrize("before, after", [("bf16", "fp16"), ("fp32", "fp16"), ("fp16", "fp32"), ("fp16", "fp16")])
+def test_resume_in_another_precision(monkeypatch, caplog, tmp_path, before, after):
+    first = _resume_run(tmp_path, before, 2, monkeypatch, resume=False)
+    saved = first.scaler.state_dict()
+    with caplog.at_level(logging.INFO, logger="contrastive.train"):
+        second = _resume_run(tmp_path, after, 4, monkeypatch)
+    assert second.step == 4 and second.scaler.is_enabled() == (after == "fp16")
+    if before != "fp16" and after == "fp16":
+        assert "the loss scale starts afresh" in caplog.text
+    if before == "fp16" and after != "fp16":
+        assert "its loss scale is not needed" in caplog.text
+    if before == after == "fp16":
+        assert saved["scale"] == 65536.0 and second.scaler.get_scale() == saved["scale"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.mark.slow
+def test_compiled_training_does_not_recompile_after_step_2(monkeypatch, tmp_path):
+    import functools
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    eager = _trainer(tmp_path / "eager", "train.epochs=1", "train.max_steps=5", method="simclr")
+    eager.fit()
+    compiled = _trainer(tmp_path / "compiled", "train.epochs=1", "train.max_steps=5", "train.compile=true",
+                        method="simclr")
+    step = compiled._train_step
+
+    def strict_after_2(*args, **kwargs):
+        if compiled.step == 2:
+            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(compiled, "_train_step", strict_after_2)
+    compiled.fit()
+    assert compiled.step == 5 and torch._dynamo.config.error_on_recompile
+    for k, v in eager.method.state_dict().items():
+        torch.testing.assert_close(compiled.method.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the raw-pixel baseline's size
+
+
+@pytest.mark.parametrize("cap, side", [(8, 8), (None, 16), (32, 16)])
+def test_raw_pixel_baseline_is_at_most_raw_pixel_size(monkeypatch, cap, side):
+    seen = []
+    real = api.raw_pixel_features
+
+    def spy(ds, **kw):
+        seen.append(kw["preprocess"].size)
+        return real(ds, **kw)
+
+    monkeypatch.setattr(api, "raw_pixel_features", spy)
+    cfg = resolve_config(tree={"data": {"name": "digits"}},
+                         overrides=["data.image_size=16", "eval.linear=false", f"eval.raw_pixel_size={cap or 'null'}"])
+    splits = load_splits(cfg.data)
+    pre = Preprocess.for_dataset(splits.pretrain, 16)
+    res = api.evaluate_encoder(nn.Flatten(), pre, splits.eval_train, splits.eval_test, cfg, note=splits.note)
+    assert seen == [side, side] and f"at {side} px" in res["evaluation"]["raw_pixel_baseline"]
+    small = dataclasses.replace(pre, size=side)
+    (xtr, ytr), (xte, yte) = (raw_pixel_features(ds, preprocess=small) for ds in (splits.eval_train, splits.eval_test))
+    assert xtr.shape[1] == side * side
+    assert res["raw_pixel_knn_top1"] == knn_top1(xtr, ytr, xte, yte, num_classes=10, k=200, temperature=0.07)
