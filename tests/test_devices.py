@@ -100,7 +100,8 @@ def test_views_stay_on_the_input_device(monkeypatch, path, channels):
 
 def test_evaluation_preprocessing_stays_on_the_input_device():
     x = _images(4, 3, 16)
-    _on_cpu(guarded(eval_preprocess, x, [0.5] * 3, [0.25] * 3, 16), guarded(eval_preprocess, x, [0.5] * 3, [0.25] * 3, 8))
+    for size in (16, 8):  # as it is, and resized
+        _on_cpu(guarded(eval_preprocess, x, [0.5] * 3, [0.25] * 3, size))
     _on_cpu(guarded(Preprocess(3, 12, (0.5,) * 3, (0.25,) * 3), x))
 
 

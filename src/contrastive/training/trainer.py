@@ -5,7 +5,8 @@ random choice of a step is a function of (seed, epoch, step, rank): the data ord
 from a generator seeded by (seed, epoch), the views of a step from one seeded by (seed, step, rank), the
 method's draws from ``StepInfo.generator``, and torch's global generator (dropout) is reseeded by
 (seed, step, rank) before every step. Resuming from a checkpoint therefore continues bitwise-identically
-on the CPU, and no two ranks share a dropout mask.
+on the CPU, and no two ranks share a dropout mask. On a GPU a step queues its work without waiting for the
+device; the host reads from it only at log rows and checkpoints.
 """
 
 from __future__ import annotations
@@ -82,10 +83,13 @@ def resolve_device(name: str) -> torch.device:
     elif int(local_rank) < visible:
         device = torch.device("cuda", int(local_rank))
     else:
-        raise ConfigError(f"LOCAL_RANK={local_rank} but {shown}; start at most {visible} processes per machine "
+        raise ConfigError(f"LOCAL_RANK={local_rank} but {shown}; start one process per GPU "
                           f"(torchrun --nproc-per-node={visible}) or show each process its own GPU")
     torch.cuda.set_device(device)
     return device
+
+
+_PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
@@ -121,10 +125,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     raise ConfigError(f"train.precision={name!r} is not one of auto, fp32, bf16, fp16")
 
 
-_PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
-
-
-def cuda_settings(cfg, device: torch.device) -> None:
+def cuda_settings(train, device: torch.device) -> None:
     """cuDNN autotuning and TF32 as ``train.cudnn_benchmark`` / ``train.tf32`` say, logged; CUDA only.
 
     Process-wide settings (torch keeps them globally); set with the legacy API, which keeps torch's two
@@ -132,11 +133,11 @@ def cuda_settings(cfg, device: torch.device) -> None:
     """
     if device.type != "cuda":
         return
-    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
-    torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
-    torch.backends.cudnn.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.benchmark = train.cudnn_benchmark
+    torch.set_float32_matmul_precision("high" if train.tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = train.tf32
     log.info("cuda: cudnn.benchmark=%s, TF32 for fp32 matmuls and convolutions=%s (train.cudnn_benchmark, "
-             "train.tf32)", cfg.cudnn_benchmark, cfg.tf32)
+             "train.tf32)", train.cudnn_benchmark, train.tf32)
 
 
 def keep_on_device(setting: bool | None, nbytes: int, free_bytes: int) -> bool:
@@ -474,7 +475,6 @@ class Trainer:
             self.method.after_step({k: v.detach() for k, v in out.updates.items()}, info)
         self.step += 1
         return out
-
 
     def _check_finite(self) -> None:
         """Stop with advice when a loss since the last check was not finite, on every rank at once (the
