@@ -32,6 +32,7 @@ from contrastive.evaluation import knn_device, knn_predict, knn_top1, raw_pixel_
 from contrastive.methods.base import Batch, BuildContext, Method, MethodSpec, StepInfo, StepOutput
 from contrastive.registry import lookup, names, register
 from contrastive.training import trainer as trainer_module
+from contrastive.training.checkpoint import load_checkpoint
 from contrastive.training.trainer import Trainer, keep_on_device, resolve_device, resolve_precision
 
 aten = torch.ops.aten
@@ -570,3 +571,21 @@ def test_raw_pixel_baseline_is_at_most_raw_pixel_size(monkeypatch, cap, side):
     (xtr, ytr), (xte, yte) = (raw_pixel_features(ds, preprocess=small) for ds in (splits.eval_train, splits.eval_test))
     assert xtr.shape[1] == side * side
     assert res["raw_pixel_knn_top1"] == knn_top1(xtr, ytr, xte, yte, num_classes=10, k=200, temperature=0.07)
+
+
+def test_cpu_training_on_a_gpu_machine_never_starts_cuda(monkeypatch, tmp_path):
+    """train.device=cpu where CUDA is available: training, checkpoints and the kNN evaluation leave the GPU alone.
+
+    Not the linear probe: torch's own Adam/AdamW ``step()`` asks the current CUDA stream whether it is being
+    captured whenever CUDA is available (``Optimizer._cuda_graph_capture_health_check``, torch 2.14)."""
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("CUDA was initialised by a CPU run")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", no_cuda)
+    cfg = resolve_config(tree={"data": {"name": "digits"}}, overrides=[
+        "train.device=cpu", "data.image_size=8", "train.batch_size=128", "train.epochs=1", "train.max_steps=2",
+        "train.progress=false", "eval.linear=false", f"train.output={tmp_path}"])
+    res = api.pretrain(cfg)
+    assert res["steps"] == 2 and 0 < res["knn_top1"] <= 1
+    assert "cuda" not in load_checkpoint(tmp_path / "checkpoint.pt")["rng"]

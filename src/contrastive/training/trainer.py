@@ -6,7 +6,8 @@ from a generator seeded by (seed, epoch), the views of a step from one seeded by
 method's draws from ``StepInfo.generator``, and torch's global generator (dropout) is reseeded by
 (seed, step, rank) before every step. Resuming from a checkpoint therefore continues bitwise-identically
 on the CPU, and no two ranks share a dropout mask. On a GPU a step queues its work without waiting for the
-device; the host reads from it only at log rows and checkpoints.
+device; the host reads from it at log rows and checkpoints (and, when they are on, at fp16's loss-scale
+check and a time budget's agreement between processes).
 """
 
 from __future__ import annotations
