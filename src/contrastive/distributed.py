@@ -149,13 +149,13 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def init_from_env(device: torch.device, *, timeout_s: float) -> bool:
+def init_from_env(device: torch.device, *, timeout_s: float = 3600.0) -> bool:
     """Join the process group that ``torchrun`` describes in the environment, on ``device``.
 
     NCCL on a CUDA device, bound to it (``device_id``: the communicator is made for this GPU at once, and
     never guessed from the current device); gloo otherwise. ``timeout_s`` is how long a collective may wait
-    for a slow rank (rank 0 downloading a dataset, writing a checkpoint) before the run fails; torch's NCCL
-    default of 10 minutes is too short for a large download.
+    for a slow rank (rank 0 downloading a dataset, writing a checkpoint) before the run fails (the default is
+    ``train.dist_timeout_s``'s); torch's NCCL default of 10 minutes is too short for a large download.
 
     True when this call created the group (its caller then owns it and ends it with :func:`shutdown`);
     False when not launched by torchrun or when a group already exists.
