@@ -31,13 +31,21 @@ from contrastive import distributed
 _LOG_HALF = -math.log(2.0)
 
 
-def _log1m_exp(a: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(a)) for a <= 0, accurate at both ends: log(-expm1(a)) near 0, log1p(-exp(a)) below
-    -log 2 (Mächler 2012). Each branch sees inputs clamped to its own side, so neither makes a NaN
-    gradient in the branch not taken."""
-    near_zero = torch.log(-torch.expm1(a.clamp(min=_LOG_HALF)))
-    far = torch.log1p(-torch.exp(a.clamp(max=_LOG_HALF)))
-    return torch.where(a > _LOG_HALF, near_zero, far)
+def _log_not(logits: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """log(1 - P) of every entry of a row-wise softmax, from its logits [r, c] and log P [r, c].
+
+    Where P <= 1/2 (every entry but, at most, the row's largest), log1p(-exp(log P)) is accurate. The
+    largest entry's P may round to 1 (a near-duplicate negative at a low temperature); its log(1 - P) is
+    computed as the log-sum-exp of the row without it minus that of the whole row, which stays finite.
+    """
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    top = logits.argmax(dim=1)  # [r]
+    minus_inf = torch.tensor(float("-inf"), device=logits.device, dtype=logits.dtype)
+    without_top = torch.logsumexp(logits.index_put((rows, top), minus_inf), dim=1)  # [r]
+    log_top = without_top - torch.logsumexp(logits, dim=1)  # [r] log(1 - P) of the largest entry
+    # clamped so that the replaced top entry's exp(0) never makes an infinite (then NaN) gradient
+    small = torch.log1p(-torch.exp(log_p.clamp(max=_LOG_HALF)))  # [r, c]
+    return small.index_put((rows, top), log_top)
 
 
 def invariance_spread(f1: torch.Tensor, f2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -63,12 +71,12 @@ def invariance_spread(f1: torch.Tensor, f2: torch.Tensor, temperature: float) ->
         self_idx = torch.cat([local, local + big_n])  # [2n] where each anchor sits among the candidates
         pos_idx = torch.cat([local + big_n, local])  # [2n] the other view of the same image
         rows = torch.arange(2 * n, device=f1.device)
-        minus_inf = torch.tensor(float("-inf"), device=logits.device)
+        minus_inf = torch.tensor(float("-inf"), device=logits.device, dtype=logits.dtype)
         logits = logits.index_put((rows, self_idx), minus_inf)  # an anchor is never its own candidate
         log_p = torch.log_softmax(logits, dim=1)  # [2n, 2N]; -inf at the anchor itself
 
         negative = torch.ones_like(log_p, dtype=torch.bool)
         negative[rows, self_idx] = False
         negative[rows, pos_idx] = False
-        log_not = _log1m_exp(log_p).masked_fill(~negative, 0.0)  # [2n, 2N] log(1 - P) at the negatives
+        log_not = _log_not(logits, log_p).masked_fill(~negative, 0.0)  # [2n, 2N] log(1 - P) at the negatives
         return -(log_p[rows, pos_idx] + log_not.sum(dim=1)).mean()
