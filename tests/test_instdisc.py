@@ -181,6 +181,17 @@ def test_forward_loss_is_the_full_softmax_over_the_bank():
     assert "z" not in dict(method.named_buffers())
 
 
+@pytest.mark.parametrize("loss", ["nce", "softmax"])
+def test_loss_is_float32_under_bf16_autocast(loss):
+    method = _method(loss=loss, size=20)
+    batch = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = method(batch, step=_info())
+    assert out.loss.dtype == torch.float32 and out.updates["features"].dtype == torch.float32
+    reference = method(batch, step=_info()).loss  # fp32 throughout; only the bf16 layers differ
+    assert out.loss.item() == pytest.approx(reference.item(), rel=0.05)
+
+
 def test_one_view_only_and_bad_fields_are_named():
     method = _method()
     two = Batch(views=[torch.randn(2, 3, 2, 2)] * 2, index=torch.arange(2), label=torch.arange(2))

@@ -116,6 +116,14 @@ def test_forward_loss_is_the_loss_of_the_two_views_of_each_image():
                step=StepInfo(step=0, epoch=0, total_steps=1))
 
 
+def test_loss_is_float32_under_bf16_autocast():
+    f1, f2 = (f.to(torch.bfloat16) for f in _features())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = invariance_spread(f1, f2, T)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(_naive(f1.double(), f2.double(), T).item(), rel=1e-5)
+
+
 def test_a_checkpoint_loads_as_the_trained_encoder(tmp_path):
     from contrastive.data import load_splits
     from contrastive.training.trainer import Trainer
