@@ -205,8 +205,8 @@ def test_one_view_only_and_bad_fields_are_named():
 
 # ------------------------------------------------------------------------------------------------ training
 
-FAST = ["data.image_size=16", "train.batch_size=128", "train.progress=false", "train.tensorboard=false", "eval.enabled=false",
-        "train.log_every=1", "method.num_negatives=64", "method.loss=nce"]
+FAST = ["data.image_size=16", "train.batch_size=128", "train.progress=false", "train.tensorboard=false",
+        "eval.enabled=false", "train.log_every=1", "method.num_negatives=64", "method.loss=nce"]
 
 
 def _cfg(tmp, *extra):
