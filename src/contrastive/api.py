@@ -33,6 +33,7 @@ from contrastive.config import (
     to_dict,
 )
 from contrastive.data import load_splits
+from contrastive.data.splits import seen_in_pretraining
 from contrastive.data.preprocess import Preprocess
 from contrastive.errors import CheckpointError, DataError
 from contrastive.evaluation import extract_features, knn_top1, linear_probe, raw_pixel_features, save_embeddings
@@ -75,7 +76,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
 def _pretrain(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.train.output)
     with distributed.main_first():  # a download or a folder decode happens once, then the others read it
-        splits = load_splits(cfg.data)
+        splits = load_splits(cfg.data, evaluate=cfg.eval.enabled)
     train_set = splits.pretrain
     if cfg.eval.enabled and splits.eval_test is None:
         raise DataError(f"{cfg.data.name} has no labels to evaluate with ({splits.note}); pass "
@@ -218,15 +219,23 @@ def evaluate(checkpoint: str | Path, data: DataConfig, *, protocols: tuple[str, 
     """Evaluate any checkpoint on any labelled dataset; writes results.json and config.yaml to ``output``.
 
     The evaluation settings are the checkpoint's run config (defaults for an encoder.pt) with ``overrides``.
+    When the test images were seen (unlabelled) in pretraining, as a held-out fraction of the folder a
+    ``--no-eval`` run pretrained on whole, the log and results.json say so.
     """
     encoder, info = load_encoder(checkpoint)
     data = _at_encoder_size(data, info["preprocess"])
-    cfg = apply_overrides(info["config"] or Config(), list(overrides))
+    pretrained = info["config"] or Config()
+    cfg = apply_overrides(pretrained, list(overrides))
     cfg.data = data
     splits = load_splits(data)
+    seen = seen_in_pretraining(pretrained.data, pretrained.eval.enabled, data)
+    if seen:
+        log.warning("%s", seen)
     res = {"checkpoint": str(checkpoint), "dataset": data.name,
            **evaluate_encoder(encoder, info["preprocess"], splits.eval_train, splits.eval_test, cfg,
                               note=splits.note, protocols=protocols)}
+    if seen:
+        res["evaluation"]["warning"] = seen
     if output is not None:
         Path(output).mkdir(parents=True, exist_ok=True)
         dump_config(cfg, Path(output) / "config.yaml")
