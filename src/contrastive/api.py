@@ -40,7 +40,7 @@ from contrastive.evaluation import extract_features, knn_top1, linear_probe, raw
 from contrastive.methods.base import BuildContext, Method
 from contrastive.registry import lookup
 from contrastive.training.checkpoint import atomic_save, is_checkpoint, read_file
-from contrastive.training.trainer import Trainer, resolve_device
+from contrastive.training.trainer import CHECKPOINT_NAME, Trainer, checkpoint_file, resolve_device
 
 log = logging.getLogger("contrastive")
 
@@ -186,8 +186,11 @@ def _materialised(module: nn.Module, path: str | Path) -> nn.Module:
 
 def load_encoder(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the frozen encoder a method evaluates (``Method.encoder()``) from a checkpoint.pt or
-    encoder.pt; returns (module, info) where info holds ``feature_dim``, ``preprocess`` (a Preprocess)
-    and the run's ``config``."""
+    encoder.pt, or a run folder holding either; returns (module, info) where info holds ``feature_dim``,
+    ``preprocess`` (a Preprocess) and the run's ``config``."""
+    if Path(path).is_dir() and not (Path(path) / CHECKPOINT_NAME).is_file() and (Path(path) / "encoder.pt").is_file():
+        path = Path(path) / "encoder.pt"
+    path = checkpoint_file(path)
     raw = read_file(path)
     if isinstance(raw, dict) and raw.get("format") == ENCODER_FORMAT:
         cfg = build_dataclass(Config, raw["config"], "")

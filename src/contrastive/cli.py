@@ -63,14 +63,14 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a checkpoint's frozen backbone on a labelled dataset")
     e.add_argument("protocol", choices=["knn", "linear"])
-    e.add_argument("--checkpoint", required=True, help="checkpoint.pt or encoder.pt")
+    e.add_argument("--checkpoint", required=True, help="checkpoint.pt, encoder.pt, or the run folder holding them")
     _data_flags(e, pretrain=False)
     e.add_argument("--output", help="folder for results.json (default: <checkpoint folder>/eval-<protocol>)")
     e.add_argument("--device", help="auto, cpu, cuda")
     e.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of eval.* fields, e.g. eval.knn_k=20")
 
     m = sub.add_parser("embed", help="write a checkpoint's features of a dataset to a .npy file")
-    m.add_argument("--checkpoint", required=True)
+    m.add_argument("--checkpoint", required=True, help="checkpoint.pt, encoder.pt, or the run folder holding them")
     _data_flags(m, pretrain=False)
     m.add_argument("--output", required=True, help="features file, ending in .npy (labels go beside it)")
     m.add_argument("--split", default="all", choices=["all", "pretrain", "test"])
@@ -122,7 +122,8 @@ def _eval_data(a: argparse.Namespace) -> DataConfig:
 
 def _eval(a: argparse.Namespace) -> int:
     data = _eval_data(a)
-    out = Path(a.output) if a.output else Path(a.checkpoint).parent / f"eval-{a.protocol}"
+    run = Path(a.checkpoint) if Path(a.checkpoint).is_dir() else Path(a.checkpoint).parent
+    out = Path(a.output) if a.output else run / f"eval-{a.protocol}"
     overrides = list(a.overrides) + ([f"train.device={a.device}"] if a.device else [])
     res = api.evaluate(a.checkpoint, data, protocols=(a.protocol,), overrides=overrides, output=out)
     _report(res, out)
