@@ -33,19 +33,20 @@ from contrastive.config import (
     to_dict,
 )
 from contrastive.data import load_splits
-from contrastive.data.splits import seen_in_pretraining
 from contrastive.data.preprocess import Preprocess
+from contrastive.data.splits import seen_in_pretraining
 from contrastive.errors import CheckpointError, DataError
 from contrastive.evaluation import extract_features, knn_top1, linear_probe, raw_pixel_features, save_embeddings
+from contrastive.machine import describe
 from contrastive.methods.base import BuildContext, Method
 from contrastive.registry import lookup
 from contrastive.training.checkpoint import atomic_save, is_checkpoint, read_file
-from contrastive.training.trainer import CHECKPOINT_NAME, Trainer, checkpoint_file, resolve_device
+from contrastive.training.trainer import CHECKPOINT_NAME, Trainer, resolve_device
 
 log = logging.getLogger("contrastive")
 
 __all__ = ["BuildContext", "Preprocess", "build_method", "embed", "evaluate", "evaluate_encoder", "load_encoder",
-           "pretrain", "resolve_config"]
+           "pretrain", "resolve_config", "run_file"]
 
 ENCODER_FORMAT = "contrastive-encoder/2"
 
@@ -73,7 +74,22 @@ def pretrain(cfg: Config) -> dict[str, Any]:
             distributed.shutdown()
 
 
+def run_file(path: str | Path, *, encoder: bool = False) -> Path:
+    """``path``, or when it is a run folder the checkpoint.pt in it (or, with ``encoder``, its encoder.pt
+    when it holds no checkpoint)."""
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    names = [CHECKPOINT_NAME, "encoder.pt"] if encoder else [CHECKPOINT_NAME]
+    found = next((p / n for n in names if (p / n).is_file()), None)
+    if found is None:
+        raise CheckpointError(f"{p} is a folder without a {' or '.join(names)}; give a run folder or the file")
+    return found
+
+
 def _pretrain(cfg: Config) -> dict[str, Any]:
+    if cfg.train.resume:  # --resume runs/x: the checkpoint in the run folder
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=str(run_file(cfg.train.resume))))
     out = Path(cfg.train.output)
     with distributed.main_first():  # a download or a folder decode happens once, then the others read it
         splits = load_splits(cfg.data, evaluate=cfg.eval.enabled)
@@ -104,6 +120,8 @@ def _pretrain(cfg: Config) -> dict[str, Any]:
         "train_seconds": round(time.perf_counter() - t0, 2),
         "images_per_s": round(fit.images_per_s, 2),
         "peak_memory_mb": round(fit.peak_memory_mb, 1),
+        # pretraining on the CPU repeats bit for bit with the same number of threads, not across numbers
+        "device": describe(trainer.device),
         "checkpoint": str(fit.checkpoint),
     }
     if distributed.is_main():
@@ -188,9 +206,7 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the frozen encoder a method evaluates (``Method.encoder()``) from a checkpoint.pt or
     encoder.pt, or a run folder holding either; returns (module, info) where info holds ``feature_dim``,
     ``preprocess`` (a Preprocess) and the run's ``config``."""
-    if Path(path).is_dir() and not (Path(path) / CHECKPOINT_NAME).is_file() and (Path(path) / "encoder.pt").is_file():
-        path = Path(path) / "encoder.pt"
-    path = checkpoint_file(path)
+    path = run_file(path, encoder=True)
     raw = read_file(path)
     if isinstance(raw, dict) and raw.get("format") == ENCODER_FORMAT:
         cfg = build_dataclass(Config, raw["config"], "")

@@ -20,7 +20,6 @@ from contrastive.config import (Config, DataConfig, backbone_config, build_datac
                                 to_dict)
 from contrastive.errors import ConfigError, ContrastiveError
 from contrastive.training.checkpoint import load_checkpoint
-from contrastive.training.trainer import checkpoint_file
 
 
 def _data_flags(p: argparse.ArgumentParser, *, pretrain: bool) -> None:
@@ -93,7 +92,7 @@ def _pretrain(a: argparse.Namespace) -> int:
         tree["eval"] = {"enabled": False}
     recipe = a.config
     if a.resume:  # the run goes on as it was configured, in its own folder
-        ckpt = checkpoint_file(a.resume)
+        ckpt = api.run_file(a.resume)
         tree["train"]["resume"] = str(ckpt)
         if a.output is None and not any(o.startswith("train.output=") for o in a.overrides):
             tree["train"]["output"] = str(ckpt.parent)
@@ -148,7 +147,8 @@ def _report(res: dict, folder: Path) -> None:
         ev = res["evaluation"]
         lines.insert(0, f"evaluated on {ev['test_images']} images ({ev['split']}):")
     if "images_per_s" in res:
-        lines.append(f"  {'training images/s':<32} {res['images_per_s']:.1f}")
+        lines.append(f"  {'training images/s':<32} {res['images_per_s']:.1f} ({res['device']})")
+        lines.append(f"  {'peak memory MiB':<32} {res['peak_memory_mb']:.0f}")
     lines.append(f"results: {folder / 'results.json'}")
     print("\n".join(lines))
 

@@ -215,7 +215,8 @@ class SizeSurvey:
 
     def describe(self) -> str:
         spread = f", {self.smallest}-{self.largest} px" if self.smallest != self.largest else ""
-        return f"typically {self.typical} px (the median shorter side of {self.sampled} sampled{spread})"
+        grey = f", {self.grey} greyscale, decoded to RGB" if self.grey else ""
+        return f"typically {self.typical} px (the median shorter side of {self.sampled} sampled{spread}{grey})"
 
 
 def survey_sizes(files: list[Path]) -> SizeSurvey:

@@ -47,16 +47,6 @@ _RESUME_KEYS = [("method",), ("backbone",), ("data",), ("views",), ("optim",), (
 _DATA_OPERATIONAL = {"data_dir", "download", "num_workers"}
 
 
-def checkpoint_file(path: str | Path) -> Path:
-    """``path``, or the checkpoint.pt inside it when it is a run folder (``--resume runs/x``)."""
-    p = Path(path)
-    if not p.is_dir():
-        return p
-    if not (p / CHECKPOINT_NAME).is_file():
-        raise CheckpointError(f"{p} is a folder without a {CHECKPOINT_NAME}; give a run folder or a checkpoint file")
-    return p / CHECKPOINT_NAME
-
-
 def resolve_device(name: str) -> torch.device:
     """auto: CUDA when available. Under torchrun a bare ``cuda`` means this process's GPU, cuda:LOCAL_RANK."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
@@ -184,7 +174,6 @@ class Trainer:
         }
 
     def resume(self, path: str | Path) -> None:
-        path = checkpoint_file(path)
         ckpt = load_checkpoint(path)
         now = resolved_sections(self.cfg)
         try:
