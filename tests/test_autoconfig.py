@@ -88,6 +88,10 @@ def test_explicit_settings_win_and_later_choices_build_on_them(tmp_path):
                          overrides=CPU + ["train.batch_size=6", "train.epochs=3"])
     assert (cfg.data.image_size, cfg.backbone["name"], cfg.train.batch_size, cfg.train.epochs) == (24, "resnet18", 6, 3)
     assert set(cfg.auto) == {"recipe"}  # nothing was chosen but the recipe family
+    # the family follows the size the encoder will see: large photos decoded at 32 px get CIFAR's recipe
+    big = write_images(tmp_path / "big", 8, (300, 300))
+    cfg = resolve_config(tree={"data": {"name": str(big), "image_size": 32}}, overrides=CPU)
+    assert cfg.auto["recipe"].startswith("simclr-cifar10.yaml") and "data.image_size" not in cfg.auto
     # an explicit recipe: nothing derived at all
     recipe = Path(__file__).parents[1] / "configs" / "simclr.yaml"
     assert resolve_config(recipe=recipe, tree={"data": {"name": str(root)}}).auto == {}

@@ -69,7 +69,7 @@ def derive(method: str, layer: dict) -> tuple[dict, dict[str, str]]:
     """``(tree, reasons)`` for ``method`` on the data ``layer`` names, ``layer`` being what the user set
     (flags and ``key=value``): the family recipe with the derived values set, for ``layer`` to overlay, and
     each choice's reason by key."""
-    from contrastive.config import DataConfig, build_dataclass, read_yaml, recipe_dir
+    from contrastive.config import DataConfig, TrainConfig, build_dataclass, read_yaml, recipe_dir
     from contrastive.data.splits import probe
     from contrastive.machine import describe
 
@@ -83,8 +83,8 @@ def derive(method: str, layer: dict) -> tuple[dict, dict[str, str]]:
     def note(key: str, value: Any, reason: str, flag: str) -> None:
         reasons[key] = f"{value}: {reason} ({flag} or {key}=... to change)"
 
-    # the recipe family
-    small = shape.size <= SMALL_SIDE
+    # the recipe family, by the size the encoder will see
+    small = (_get(layer, "views.size") or _get(layer, "data.image_size") or shape.size) <= SMALL_SIDE
     scale = (f"CIFAR-scale recipe, for images of at most {SMALL_SIDE} px" if small else
              f"ImageNet-scale recipe, for images larger than {SMALL_SIDE} px")
     cifar = [f"{method}-cifar10.yaml", f"{method}-cifar100.yaml"]
@@ -98,6 +98,7 @@ def derive(method: str, layer: dict) -> tuple[dict, dict[str, str]]:
     recipe = read_yaml(d / found) if found else {}
     reasons["recipe"] = (f"{found}: {why} (--config to pick another)" if found else
                          f"none: {method} has no recipe, so its own defaults (--config to pick one)")
+    kept = "the recipe's" if found else "the default"
 
     # the decode size
     size = _get(layer, "data.image_size")
@@ -117,27 +118,27 @@ def derive(method: str, layer: dict) -> tuple[dict, dict[str, str]]:
 
     # the backbone
     if _get(layer, "backbone.name") is None:
-        backbone = _get(recipe, "backbone.name") or "small_cnn"
+        backbone = _get(recipe, "backbone.name") or "small_cnn"  # Config's default backbone
         if cpu and backbone != "small_cnn":
             tree["backbone"] = {"name": "small_cnn"}  # a section of its own: the recipe's fields do not carry over
             note("backbone.name", "small_cnn", f"on a CPU it trains at hundreds of images/s, where the recipe's "
                  f"{backbone} would take days to weeks", "--backbone")
         else:
-            note("backbone.name", backbone, "the recipe's" + ("" if cpu else " on a GPU"), "--backbone")
+            note("backbone.name", backbone, kept + ("" if cpu else " on a GPU"), "--backbone")
 
     # the epochs
     if _get(layer, "train.epochs") is None:
-        epochs = _get(recipe, "train.epochs") or 100
+        epochs = _get(recipe, "train.epochs") or TrainConfig().epochs
         if cpu and epochs > CPU_MAX_EPOCHS:
             _set(tree, "train.epochs", CPU_MAX_EPOCHS)
-            note("train.epochs", CPU_MAX_EPOCHS, f"on a CPU, the length of SimCLR's ablations, not the recipe's "
+            note("train.epochs", CPU_MAX_EPOCHS, f"on a CPU, the length of SimCLR's ablations, not {kept} "
                  f"{epochs}", "--epochs")
         else:
-            note("train.epochs", epochs, "the recipe's", "--epochs")
+            note("train.epochs", epochs, kept, "--epochs")
 
     # the batch size
     if _get(layer, "train.batch_size") is None:
-        batch, why = _batch(_merge(_merge(recipe, tree), layer), shape, size, view_size, device, cpu)
+        batch, why = _batch(_merge(_merge(recipe, tree), layer), shape, size, view_size, device, cpu, kept)
         _set(tree, "train.batch_size", batch)
         note("train.batch_size", batch, why, "--batch-size")
 
@@ -148,15 +149,15 @@ def derive(method: str, layer: dict) -> tuple[dict, dict[str, str]]:
     return _merge(recipe, tree), reasons
 
 
-def _batch(tree: dict, shape: Any, size: int, view_size: int, device: torch.device,
-           cpu: bool) -> tuple[int, str]:
+def _batch(tree: dict, shape: Any, size: int, view_size: int, device: torch.device, cpu: bool,
+           kept: str) -> tuple[int, str]:
     """The batch size for the config ``tree`` and why: the smallest of the limits, as a power of two, lowered
     further when a step would take more than MEMORY_SHARE of the free memory."""
+    from contrastive.config import TrainConfig
     from contrastive.machine import available_memory, describe, gib
 
     world = int(os.environ.get("WORLD_SIZE", 1))
-    recipe_batch = _get(tree, "train.batch_size") or 256
-    limits = [(recipe_batch, "the recipe's")]
+    limits = [(_get(tree, "train.batch_size") or TrainConfig().batch_size, kept)]
     if cpu:
         limits.append((CPU_MAX_BATCH, "on a CPU, SimCLR's CIFAR-10 batch at most"))
     limits.append((max(shape.images // MIN_STEPS, 2), f"the largest power of two that leaves {MIN_STEPS} steps "
@@ -214,4 +215,4 @@ def _step_memory(tree: dict, shape: Any, view_size: int, device: torch.device, w
         return measure_step(method, channels=shape.channels, size=view_size, n_views=cfg.views.n_views,
                             device=device, amp_dtype=resolve_precision(cfg.train.precision, device),
                             step=StepInfo(step=0, epoch=0, total_steps=steps * epochs, steps_per_epoch=steps,
-                                          epochs=epochs))
+                                          epochs=epochs), dataset_size=shape.images)

@@ -86,10 +86,11 @@ def _batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 def measure_step(method: Method, *, channels: int, size: int, n_views: int, device: torch.device,
-                 amp_dtype: torch.dtype | None, step: StepInfo) -> StepMemory:
+                 amp_dtype: torch.dtype | None, step: StepInfo, dataset_size: int | None = None) -> StepMemory:
     """The memory of a training step of ``method`` on views ``[n, channels, size, size]``, from trial forward
-    passes at TRIAL_BATCHES images. Changes no state: batch-norm running statistics are kept (momentum 0 for
-    the trials) and the random generators are restored."""
+    passes at TRIAL_BATCHES images (their dataset indices below ``dataset_size``: rows of a memory bank).
+    Changes no state: batch-norm running statistics are kept (momentum 0 for the trials) and the random
+    generators are restored."""
     norms = _batch_norms(method)
     kept = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
             for m in norms]
@@ -103,7 +104,8 @@ def measure_step(method: Method, *, channels: int, size: int, n_views: int, devi
             for n in TRIAL_BATCHES:
                 gen = torch.Generator(device=device).manual_seed(n)
                 views = [torch.randn(n, channels, size, size, generator=gen, device=device) for _ in range(n_views)]
-                batch = Batch(views=views, index=torch.arange(n, device=device),
+                index = torch.arange(n, device=device) % (dataset_size or n)
+                batch = Batch(views=views, index=index,
                               label=torch.full((n,), -1, dtype=torch.long, device=device))
                 saved.append(_saved_bytes(method, batch, step, autocast))
     finally:

@@ -341,7 +341,7 @@ class Trainer:
         size = self.context.image_size
         memory = measure_step(self.method, channels=self.dataset.channels, size=size,
                               n_views=self.cfg.views.n_views, device=self.device, amp_dtype=self.amp_dtype,
-                              step=self.step_info())
+                              step=self.step_info(), dataset_size=len(self.dataset))
         check_step_fits(memory, batch_size=self.cfg.train.batch_size, world_size=self.world, device=self.device,
                         what=f"{self.cfg.method['name']} with {self.cfg.backbone['name']} on {size} px views")
 
