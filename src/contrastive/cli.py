@@ -15,6 +15,8 @@ import sys
 import typing
 from pathlib import Path
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from contrastive import api, distributed
 from contrastive.config import (Config, DataConfig, backbone_config, build_dataclass, method_config, resolve_config,
                                 to_dict)
@@ -202,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if quiet else logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        return {"pretrain": _pretrain, "eval": _eval, "embed": _embed}[a.command](a)
+        # log lines (the memory check, the time estimate) print above the progress bar, not into it
+        with logging_redirect_tqdm():
+            return {"pretrain": _pretrain, "eval": _eval, "embed": _embed}[a.command](a)
     except ContrastiveError as e:
         print(f"contrastive: error: {error_message(e)}", file=sys.stderr)
         return 2
