@@ -40,7 +40,8 @@ class DataConfig:
     split_seed: int = _f(0, "Seed of the held-out split (and of digits' 80/20 split), fixed apart from "
                          "the training seed so every run evaluates on the same images.")
     image_size: int | None = _f(None, "Side the loader decodes every image to (square); None keeps the "
-                                "dataset's native size (digits: upsampled 8 -> 32 so crops have room).")
+                                "dataset's native size (a folder: its images' median shorter side; digits: "
+                                "upsampled 8 -> 32 so crops have room).")
     in_memory: bool | None = _f(None, "Decode the whole dataset once into a uint8 tensor (CIFAR-10: 150 MB) "
                                 "instead of decoding every epoch; None: when the decoded set takes at most half "
                                 "the memory available, else decode per batch (the log says so).")
