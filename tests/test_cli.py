@@ -182,3 +182,17 @@ def test_resume_by_folder_continues_the_run_in_it(tmp_path):
     empty.mkdir()
     code = main(["pretrain", "--resume", str(empty)])
     assert code == 2
+
+
+def test_an_unlabeled_folder_pretrains_without_evaluation_unless_asked_for(tmp_path, capsys, caplog):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(flat / f"{i}.png")
+    with caplog.at_level("WARNING", logger="contrastive"):
+        assert main(["pretrain", "--data", str(flat), "--epochs", "1", "--output", str(tmp_path / "run"), *TINY]) == 0
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["pretrain_images"] == 8 and "knn_top1" not in res and "no evaluation after pretraining" in caplog.text
+    code, err = _err(capsys, ["pretrain", "--data", str(flat), "--epochs", "1", "--output", str(tmp_path / "r2"),
+                              *TINY, "eval.enabled=true"])
+    assert code == 2 and "no labels to evaluate with" in err

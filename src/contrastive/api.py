@@ -57,8 +57,9 @@ def build_method(cfg: Config, ctx: BuildContext) -> Method:
 
 
 def pretrain(cfg: Config) -> dict[str, Any]:
-    """Pretrain ``cfg.method`` on ``cfg.data``, then (unless ``eval.enabled`` is off) evaluate the frozen
-    backbone with the weighted kNN and the linear probe beside the raw-pixel kNN baseline.
+    """Pretrain ``cfg.method`` on ``cfg.data``, then (unless ``eval.enabled`` is off, or unset on data without
+    labels) evaluate the frozen backbone with the weighted kNN and the linear probe beside the raw-pixel kNN
+    baseline.
 
     Writes into ``train.output``: config.yaml, checkpoint.pt, encoder.pt (backbone weights and their
     preprocessing), metrics.csv, results.json. Returns what results.json holds.
@@ -92,11 +93,14 @@ def _pretrain(cfg: Config) -> dict[str, Any]:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=str(run_file(cfg.train.resume))))
     out = Path(cfg.train.output)
     with distributed.main_first():  # a download or a folder decode happens once, then the others read it
-        splits = load_splits(cfg.data, evaluate=cfg.eval.enabled)
+        splits = load_splits(cfg.data, evaluate=cfg.eval.enabled is not False)
     train_set = splits.pretrain
-    if cfg.eval.enabled and splits.eval_test is None:
+    evaluate = cfg.eval.enabled is not False and splits.eval_test is not None
+    if cfg.eval.enabled and not evaluate:
         raise DataError(f"{cfg.data.name} has no labels to evaluate with ({splits.note}); pass "
                         f"--train-data and --test-data with labelled folders, or --no-eval")
+    if cfg.eval.enabled is None and not evaluate:
+        log.warning("no evaluation after pretraining: %s", splits.note)
     size = cfg.views.size or train_set.image_size
     ctx = BuildContext.for_run(cfg, train_set, distributed.world_size())
     method = build_method(cfg, ctx)
@@ -127,7 +131,7 @@ def _pretrain(cfg: Config) -> dict[str, Any]:
     if distributed.is_main():
         save_encoder(method, cfg, ctx, preprocess, out / "encoder.pt")
         results["encoder"] = str(out / "encoder.pt")
-    if cfg.eval.enabled and distributed.is_main():
+    if evaluate and distributed.is_main():
         results.update(evaluate_encoder(method.encoder(), preprocess, splits.eval_train, splits.eval_test, cfg,
                                         note=splits.note))
     if distributed.is_main():
@@ -247,7 +251,7 @@ def evaluate(checkpoint: str | Path, data: DataConfig, *, protocols: tuple[str, 
     cfg = apply_overrides(pretrained, list(overrides))
     cfg.data = data
     splits = load_splits(data)
-    seen = seen_in_pretraining(pretrained.data, pretrained.eval.enabled, data)
+    seen = seen_in_pretraining(pretrained.data, pretrained.eval.enabled is not False, data)
     if seen:
         log.warning("%s", seen)
     res = {"checkpoint": str(checkpoint), "dataset": data.name,

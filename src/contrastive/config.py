@@ -126,7 +126,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    enabled: bool = _f(True, "Run kNN and linear-probe evaluation at the end of pretraining.")
+    enabled: bool | None = _f(None, "Run kNN and linear-probe evaluation at the end of pretraining; None: when "
+                              "there are labels to evaluate with (an unlabeled folder pretrains only, and "
+                              "says so); true: an error without them.")
     knn: bool = _f(True, "Weighted kNN (Wu et al. 2018): cosine similarity, k neighbours, temperature.")
     knn_k: int = _f(200, "Neighbours in the weighted kNN; 200 in InstDisc (Wu et al. 2018, Sec. 3.4).")
     knn_temperature: float = _f(0.07, "Weight exp(sim / T); T=0.07 as in InstDisc.")
