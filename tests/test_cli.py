@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from contrastive.cli import main
@@ -27,6 +28,19 @@ def test_pretrain_eval_embed_on_digits(tmp_path, capsys):
     assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file() and (run / "encoder.pt").is_file()
     out = capsys.readouterr().out
     assert "raw-pixel kNN top-1" in out
+    # three epochs of pretraining beat the same encoder at its initialisation, scored the same way
+    from contrastive import api
+    from contrastive.config import resolve_config
+    from contrastive.data import load_splits
+    from contrastive.data.preprocess import Preprocess
+
+    cfg = resolve_config(recipe=run / "config.yaml")
+    splits = load_splits(cfg.data)
+    torch.manual_seed(cfg.seed)
+    untrained = api.build_method(cfg, api.BuildContext.for_run(cfg, splits.pretrain)).encoder()
+    before = api.evaluate_encoder(untrained, Preprocess.for_dataset(splits.pretrain, None), splits.eval_train,
+                                  splits.eval_test, cfg, note=splits.note)
+    assert res["knn_top1"] > before["knn_top1"] + 0.03
 
     # eval knn on the checkpoint reproduces the pretrain evaluation's kNN exactly (the data is decoded at
     # the encoder's 16 px by default)
@@ -102,3 +116,83 @@ def test_unreadable_checkpoint_is_named(tmp_path, capsys):
     torch.save({"something": 1}, bad)
     code, err = _err(capsys, ["eval", "knn", "--checkpoint", str(bad), "--data", "digits"])
     assert code == 2 and "neither a checkpoint.pt nor an encoder.pt" in err
+
+
+def _labelled(root, per_class=6, classes=("a", "b")):
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((8, 8, 3), 100 * c + 10 * i, np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+TINY = ["--batch-size", "4", "train.progress=false", "method.projection_dim=8", "data.num_workers=0"]
+
+
+def test_no_eval_pretrains_on_every_image_and_a_later_eval_warns(tmp_path, capsys, caplog):
+    root = _labelled(tmp_path / "imgs")
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(root), "--epochs", "1", "--no-eval", "--output", str(run), *TINY]) == 0
+    res = json.loads((run / "results.json").read_text())
+    assert res["pretrain_images"] == 12 and res["steps"] == 3 and "knn_top1" not in res
+    # the held-out test side of an eval on the same folder was pretrained on: said in the log and results
+    with caplog.at_level("WARNING", logger="contrastive"):
+        assert main(["eval", "knn", "--checkpoint", str(run), "--data", str(root), "eval.knn_k=3"]) == 0
+    ev = json.loads((run / "eval-knn" / "results.json").read_text())
+    assert "were seen, unlabelled, during pretraining" in ev["evaluation"]["warning"]
+    assert "--no-eval" in ev["evaluation"]["warning"] and "--test-data" in caplog.text
+    # a separate test side: no warning
+    other = _labelled(tmp_path / "other", per_class=2)
+    assert main(["eval", "knn", "--checkpoint", str(run), "--data", str(root), "--test-data", str(other),
+                 "--output", str(tmp_path / "ev2"), "eval.knn_k=3"]) == 0
+    assert "warning" not in json.loads((tmp_path / "ev2" / "results.json").read_text())["evaluation"]
+
+
+def test_eval_and_embed_take_train_and_test_data_without_data(tmp_path, capsys):
+    run = tmp_path / "run"
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(flat / f"{i}.png")
+    assert main(["pretrain", "--data", str(flat), "--epochs", "1", "--no-eval", "--output", str(run), *TINY]) == 0
+    a, b = _labelled(tmp_path / "A"), _labelled(tmp_path / "B", per_class=3)
+    assert main(["eval", "knn", "--checkpoint", str(run / "encoder.pt"), "--train-data", str(a), "--test-data",
+                 str(b), "eval.knn_k=3"]) == 0
+    ev = json.loads((run / "eval-knn" / "results.json").read_text())
+    assert (ev["evaluation"]["train_images"], ev["evaluation"]["test_images"]) == (12, 6)
+    assert ev["dataset"] == str(a) and 0 <= ev["knn_top1"] <= 1
+    feats = tmp_path / "f.npy"
+    assert main(["embed", "--checkpoint", str(run / "encoder.pt"), "--train-data", str(a), "--test-data", str(b),
+                 "--output", str(feats)]) == 0
+    assert np.load(feats).shape[0] == 18 and np.load(tmp_path / "f.labels.npy").tolist() == [0] * 6 + [1] * 6 + [0] * 3 + [1] * 3
+    code = main(["eval", "knn", "--checkpoint", str(run / "encoder.pt"), "--test-data", str(b)])
+    assert code == 2 and "--train-data" in capsys.readouterr().err
+
+
+def test_resume_by_folder_continues_the_run_in_it(tmp_path):
+    root = _labelled(tmp_path / "imgs")
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(root), "--epochs", "2", "--no-eval", "--output", str(run), *TINY,
+                 "train.max_steps=4"]) == 0
+    assert json.loads((run / "results.json").read_text())["steps"] == 4
+    # only the folder: the checkpoint in it, its config, and its folder for the output
+    assert main(["pretrain", "--resume", str(run), "train.max_steps=6"]) == 0
+    assert json.loads((run / "results.json").read_text())["steps"] == 6
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = main(["pretrain", "--resume", str(empty)])
+    assert code == 2
+
+
+def test_an_unlabeled_folder_pretrains_without_evaluation_unless_asked_for(tmp_path, capsys, caplog):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(flat / f"{i}.png")
+    with caplog.at_level("WARNING", logger="contrastive"):
+        assert main(["pretrain", "--data", str(flat), "--epochs", "1", "--output", str(tmp_path / "run"), *TINY]) == 0
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["pretrain_images"] == 8 and "knn_top1" not in res and "no evaluation after pretraining" in caplog.text
+    code, err = _err(capsys, ["pretrain", "--data", str(flat), "--epochs", "1", "--output", str(tmp_path / "r2"),
+                              *TINY, "eval.enabled=true"])
+    assert code == 2 and "no labels to evaluate with" in err

@@ -356,3 +356,63 @@ def test_missing_and_empty_paths(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(DataError, match="no images"):
         load_splits(data_cfg(tmp_path / "empty"))
+
+
+# ------------------------------------------------------------------------------------------------ odd folders
+
+
+def test_hidden_and_non_image_files_are_ignored_and_counted(tmp_path, caplog):
+    root = labelled_tree(tmp_path / "tree", per_class=3)
+    (root / "cat" / ".DS_Store").write_bytes(b"\0\1")
+    (root / "cat" / "._00.png").write_bytes(b"AppleDouble")  # macOS metadata: an image's name, not an image
+    (root / ".thumbnails").mkdir()
+    write_png(root / ".thumbnails" / "t.png", 1)  # a hidden folder is no class
+    (root / "dog" / "notes.txt").write_text("not an image")
+    (root / "README.md").write_text("about the data")
+    with caplog.at_level(logging.INFO, logger="contrastive.data"):
+        ds = open_folder(root, data_cfg())
+    assert len(ds) == 6 and ds.classes == ["cat", "dog"]
+    assert "ignored 3 hidden file(s) or folder(s)" in caplog.text and "ignored 2 non-image file(s)" in caplog.text
+
+
+def test_symlinked_files_and_folders_are_followed(tmp_path):
+    real = labelled_tree(tmp_path / "real", per_class=2)
+    root = tmp_path / "linked"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "a.png").symlink_to(real / "cat" / "00.png")
+    (root / "dog").symlink_to(real / "dog", target_is_directory=True)
+    (root / "dog_more").mkdir()
+    (root / "dog_more" / "loop").symlink_to(root, target_is_directory=True)  # a link back up: entered once
+    write_png(root / "dog_more" / "x.png", 50)
+    ds = open_folder(root, data_cfg())
+    assert ds.classes == ["cat", "dog", "dog_more"] and ds.labels.tolist() == [0, 1, 1, 2, 2, 2, 2]
+    assert ds[0][0][:, 0, 0].tolist() == [0, 1, 2] and ds[2][0][:, 0, 0].tolist() == [101, 102, 103]
+
+
+def test_mixed_sizes_and_modes_decode_at_the_median_side(tmp_path):
+    for i, (size, mode) in enumerate([((40, 30), "RGB"), ((20, 20), "L"), ((64, 48), "RGBA"), ((30, 50), "P")]):
+        (tmp_path / "mixed").mkdir(exist_ok=True)
+        Image.new(mode, size).save(tmp_path / "mixed" / f"{i}.png")
+    ds = open_folder(tmp_path / "mixed", data_cfg())
+    assert ds.images.shape == (4, 3, 30, 30)  # shorter sides 30, 20, 48, 30: median (low) 30
+
+
+def test_a_folder_larger_than_memory_streams(tmp_path, monkeypatch, caplog):
+    from contrastive import machine
+    from contrastive.data import FolderImages
+
+    root = labelled_tree(tmp_path / "tree", per_class=5)  # 10 images, 3 x 8 x 8 bytes each decoded
+    monkeypatch.setattr(machine, "available_memory", lambda device: (3 * 8 * 8 * 10 * 2 - 1, "a test's limit"))
+    with caplog.at_level(logging.WARNING, logger="contrastive.data"):
+        ds = open_folder(root, data_cfg())
+    assert isinstance(ds, FolderImages) and ds.images is None and "data.in_memory=false" in caplog.text
+    monkeypatch.setattr(machine, "available_memory", lambda device: (3 * 8 * 8 * 10 * 2, "a test's limit"))
+    assert isinstance(open_folder(root, data_cfg()), TensorImages)
+    assert isinstance(open_folder(root, data_cfg(in_memory=False)), FolderImages)  # a setting wins
+
+
+def test_without_evaluation_a_labelled_folder_is_pretrained_on_whole(tmp_path):
+    root = labelled_tree(tmp_path / "tree")
+    s = load_splits(data_cfg(root), evaluate=False)
+    assert len(s.pretrain) == 20 and s.eval_train is None and s.eval_test is None and "none held out" in s.note
+    assert len(load_splits(data_cfg(root)).pretrain) == 18

@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from contrastive import distributed
 from contrastive.losses import nt_xent
+from multiprocess import run_as_torchrun
 
 N, D, T = 8, 16, 0.5
 
@@ -110,25 +111,11 @@ def _run_trainer(output: str) -> None:
     Trainer(cfg, SimCLR(backbone, 16, method_config(cfg)), data, output).fit()
 
 
-def _trainer_worker(rank: int, world: int, port: int, output: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    try:
-        _run_trainer(output)
-    finally:
-        distributed.shutdown()
-
-
 @pytest.mark.slow
 def test_trainer_two_processes_equal_one(tmp_path):
-    import socket
-
     from contrastive.training.checkpoint import load_checkpoint
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_trainer_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, join=True)
+    run_as_torchrun(_run_trainer, str(tmp_path / "ddp"))
     _run_trainer(str(tmp_path / "single"))
     ddp = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
     single = load_checkpoint(tmp_path / "single" / "checkpoint.pt")

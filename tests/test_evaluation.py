@@ -199,3 +199,109 @@ def test_extract_features_leaves_out_skipped_unreadable_images(caplog):
     torch.testing.assert_close(feats, data.images[keep].flatten(1).float())
     assert labels.tolist() == data.labels[keep].tolist()
     assert "skipped 2 unreadable images" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------
+# the linear probe against a reference solution; evaluate_encoder against its parts
+
+
+def _overlapping(counts, seed):
+    """Three overlapping Gaussian classes in 6-d, on features of very different scales and offsets, so
+    standardisation matters. ``counts`` per class: an unbalanced test side has its own mean and std."""
+    g = torch.Generator().manual_seed(0)
+    centres, scales, shift = torch.randn(3, 6, generator=g), torch.rand(6, generator=g) * 3 + 0.5, torch.randn(6, generator=g) * 2
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    noise = torch.randn(len(labels), 6, generator=torch.Generator().manual_seed(seed))
+    return (centres[labels] + noise) * scales + shift, labels
+
+
+def _reference_probe(train_x, train_y, test_x, weight_decay):
+    """The regularised problem the probe solves, solved to convergence in float64 by L-BFGS: multinomial
+    logistic regression on features standardised with the training side's statistics, with an L2 penalty
+    (weight_decay / 2) ||W||^2 on the weight. AdamW decays the weight apart from the gradient instead, so
+    its end point differs slightly. Returns the predictions on the test and training sides."""
+    mean, std = train_x.double().mean(0), train_x.double().std(0, unbiased=False)
+    a, t = (train_x.double() - mean) / std, (test_x.double() - mean) / std
+    w = torch.zeros(3, a.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(a @ w.T + b, train_y) + 0.5 * weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return (t @ w.T + b).argmax(1), (a @ w.T + b).argmax(1)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_linear_probe_reaches_the_reference_solution_on_overlapping_classes(seed):
+    train_x, train_y = _overlapping([200, 200, 200], seed)
+    test_x, test_y = _overlapping([400, 60, 60], seed + 10)
+    test_pred, train_pred = _reference_probe(train_x, train_y, test_x, weight_decay=1e-4)
+    reference = {"top1": (test_pred == test_y).double().mean().item(),
+                 "train_top1": (train_pred == train_y).double().mean().item()}
+    assert 0.6 < reference["train_top1"] < 0.95  # overlapping: neither trivial nor hopeless
+    got = linear_probe(train_x, train_y, test_x, test_y, num_classes=3, epochs=200, lr=0.1, batch_size=600, seed=0)
+    # within two examples of the optimum's accuracy on each side (0.4% and 0.3%)
+    assert abs(got["top1"] - reference["top1"]) <= 2 / len(test_y) + 1e-9
+    assert abs(got["train_top1"] - reference["train_top1"]) <= 2 / len(train_y) + 1e-9
+
+
+def test_linear_probe_standardises_with_the_training_sides_statistics():
+    """1-d: classes at -1 and +1 on the training side, the boundary at 0. Every test point lies at +0.3..+0.7,
+    on the positive side: standardised with the training statistics all are class 1; standardised with
+    their own (centred on 0.5), half would fall on the negative side."""
+    g = torch.Generator().manual_seed(0)
+    train_y = torch.arange(200) % 2
+    train_x = (train_y.float() * 2 - 1 + 0.3 * torch.randn(200, generator=g)).unsqueeze(1)
+    test_x = torch.linspace(0.3, 0.7, 41).unsqueeze(1)
+    res = linear_probe(train_x, train_y, test_x, torch.ones(41, dtype=torch.long), num_classes=2, epochs=50,
+                       batch_size=32)
+    assert res["top1"] == 1.0
+
+
+def test_linear_probe_is_identical_on_two_runs_and_thread_counts():
+    train_x, train_y = _overlapping([200, 200, 200], 1)
+    test_x, test_y = _overlapping([100, 100, 100], 3)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            runs.append(linear_probe(train_x, train_y, test_x, test_y, num_classes=3, epochs=30, batch_size=64,
+                                     seed=5))
+    finally:
+        torch.set_num_threads(threads)
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_evaluate_encoder_scores_the_test_side_against_the_training_side():
+    """evaluate_encoder's numbers equal kNN, linear probe and raw-pixel kNN recomputed from the features of
+    the two sides extracted separately, so scoring the wrong pair of sides cannot pass."""
+    from contrastive import api
+    from contrastive.config import Config, apply_overrides
+    from contrastive.data import load_splits
+    from contrastive.data.preprocess import Preprocess
+    from contrastive.config import DataConfig
+
+    splits = load_splits(DataConfig(name="digits", image_size=8))
+    train, test = splits.eval_train, splits.eval_test
+    cfg = apply_overrides(Config(), ["eval.linear_epochs=5", "eval.knn_k=20", "train.device=cpu"])
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    pre = Preprocess.for_dataset(train, None)
+    res = api.evaluate_encoder(encoder, pre, train, test, cfg, note="test")
+    (xtr, ytr), (xte, yte) = (extract_features(encoder, ds, preprocess=pre) for ds in (train, test))
+    assert (len(xtr), len(xte)) == (1437, 360)
+    assert res["knn_top1"] == knn_top1(xtr, ytr, xte, yte, num_classes=10, k=20)
+    assert res["linear_top1"] == linear_probe(xtr, ytr, xte, yte, num_classes=10, epochs=5)["top1"]
+    (ptr, _), (pte, _) = (raw_pixel_features(ds, preprocess=pre) for ds in (train, test))
+    assert res["raw_pixel_knn_top1"] == knn_top1(ptr, ytr, pte, yte, num_classes=10, k=20)
+    # and these are test-side scores: the training side scored against itself gives other numbers
+    assert res["knn_top1"] != knn_top1(xtr, ytr, xtr, ytr, num_classes=10, k=20)
+    assert res["evaluation"]["train_images"] == 1437 and res["evaluation"]["test_images"] == 360

@@ -1,11 +1,9 @@
 """MoCo v1/v2: the loss against a naive reference, the forward's pairs, queue and EMA updates, resume, DDP."""
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -17,6 +15,7 @@ from contrastive.methods.base import Batch, BuildContext, StepInfo
 from contrastive.methods.moco import MoCo, MoCoV2Config
 from contrastive.nn.shuffle_bn import shuffled_forward
 from contrastive.training.checkpoint import load_checkpoint
+from multiprocess import run_as_torchrun
 
 
 def test_info_nce_queue_equals_a_naive_loop():
@@ -180,25 +179,13 @@ def _run(output: str) -> None:
         torch.save(grads, os.path.join(output, "grads.pt"))
 
 
-def _worker(rank: int, world: int, port: int, output: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    try:
-        _run(output)
-    finally:
-        distributed.shutdown()
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one_with_shuffled_batch_norm(tmp_path):
     """Two processes, each one batch-norm group, against one process with method.bn_splits=2 groups: the
     query groups are the two halves of the global batch in both, and the keys are encoded in the halves of
     one shared shuffle, so losses, gradients, weights and the queue agree. Four steps: batch norm makes the
     float rounding of the two runs drift apart by ~1e-3 over an epoch at this learning rate."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, join=True)
+    run_as_torchrun(_run, str(tmp_path / "ddp"))
     _run(str(tmp_path / "single"))
     ddp = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
     single = load_checkpoint(tmp_path / "single" / "checkpoint.pt")

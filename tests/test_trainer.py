@@ -179,3 +179,153 @@ def test_nt_xent_runs_in_fp32_under_autocast():
         under = nt_xent(z1, z2, 0.1)
     assert under.dtype == torch.float32
     assert under.item() == nt_xent(z1, z2, 0.1).item()
+
+
+# ---------------------------------------------------------------------------------------------------
+# trainer glue: the logged learning rate, bf16 autocast, the per-rank view seed, the memory check, the ETA
+
+
+def _metrics(path):
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("scaling, peak", [("linear", 0.6 * 128 / 256), ("sqrt", 0.6 * 128 ** 0.5)])
+def test_logged_learning_rate_is_the_scaled_warmup_cosine_schedule(tmp_path, caplog, scaling, peak):
+    """digits' 1437 images at batch 128: 11 steps an epoch, 33 in 3 epochs, 11 of warm-up. Written out here:
+    warm-up lr (k + 1) / 11 * peak, then half a cosine from the peak at step 11 to 0 at step 32."""
+    import math
+
+    steps = 20 if scaling == "linear" else 3
+    with caplog.at_level("INFO", logger="contrastive.train"):
+        _fit(_cfg(tmp_path, "train.epochs=3", "optim.lr=0.6", f"optim.lr_scaling={scaling}", "optim.warmup_epochs=1",
+                  f"train.max_steps={steps}", "optim.name=sgd"))
+    rows = _metrics(tmp_path / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
+    for k, row in enumerate(rows):  # the row of step k + 1 logs the lr step k trained with
+        expected = peak * (k + 1) / 11 if k < 11 else peak * 0.5 * (1 + math.cos(math.pi * (k - 11) / 21))
+        assert float(row["lr"]) == pytest.approx(expected, rel=1e-12), k
+    if steps > 11:  # the time estimate follows the first 10 measured steps (the first step is not measured)
+        assert "expected time: " in caplog.text and "images/s over steps 2-11: the run's 20 steps take" in caplog.text
+
+
+def test_bf16_autocast_runs_the_backbone_in_bf16_with_fp32_weights(tmp_path):
+    from contrastive.data import load_splits
+    from contrastive.training.trainer import Trainer
+
+    losses, dtypes = {}, {}
+    for precision in ("bf16", "fp32"):
+        cfg = _cfg(tmp_path / precision, "train.epochs=1", "train.max_steps=1", f"train.precision={precision}")
+        data = load_splits(cfg.data).pretrain
+        torch.manual_seed(cfg.seed)
+        method = api.build_method(cfg, api.BuildContext.for_run(cfg, data))
+        conv = next(m for m in method.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda m, i, o, p=precision: dtypes.update({p: o.dtype}))
+        trainer = Trainer(cfg, method, data, cfg.train.output)
+        trainer.fit()
+        losses[precision] = float(_metrics(tmp_path / precision / "metrics.csv")[0]["loss"])
+        assert all(p.dtype == torch.float32 for p in trainer.method.parameters())
+    assert dtypes == {"bf16": torch.bfloat16, "fp32": torch.float32}
+    # the same step in lower precision: close to the fp32 loss, not equal to it
+    assert losses["bf16"] != losses["fp32"] and losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
+
+
+def test_views_are_seeded_per_step_and_rank(tmp_path, monkeypatch):
+    from contrastive.data import load_splits
+    from contrastive.methods.base import step_seed
+    from contrastive.training import trainer as trainer_module
+
+    cfg = _cfg(tmp_path, "train.epochs=1", "train.channels_last=false")
+    data = load_splits(cfg.data).pretrain
+    trainer = trainer_module.Trainer(cfg, api.build_method(cfg, api.BuildContext.for_run(cfg, data)), data, tmp_path)
+    images, index = data.images[:8], torch.arange(8)
+    views = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(trainer_module.distributed, "rank", lambda r=rank: r)
+        for step in (5, 6):
+            trainer.step = step
+            views[rank, step] = trainer._batch(images, index, data.labels[:8]).views[0]
+            expected = trainer.views(images, torch.Generator().manual_seed(step_seed(cfg.seed, step, rank)))[0]
+            assert torch.equal(views[rank, step], expected)
+    assert not torch.equal(views[0, 5], views[1, 5]) and not torch.equal(views[0, 5], views[0, 6])
+
+
+def _trainer(cfg):
+    from contrastive.data import load_splits
+    from contrastive.training.trainer import Trainer
+
+    data = load_splits(cfg.data).pretrain
+    torch.manual_seed(cfg.seed)
+    return Trainer(cfg, api.build_method(cfg, api.BuildContext.for_run(cfg, data)), data, cfg.train.output)
+
+
+def test_memory_check_refuses_a_batch_that_cannot_fit_and_names_one_that_does(tmp_path, monkeypatch):
+    import re
+
+    from contrastive.training import budget
+
+    trainer = _trainer(_cfg(tmp_path, "train.epochs=1"))
+    before = {k: v.clone() for k, v in trainer.method.state_dict().items()}
+    rng = torch.get_rng_state()
+    memory = budget.measure_step(trainer.method, channels=1, size=16, n_views=2, device=torch.device("cpu"),
+                                 amp_dtype=None, step=trainer.step_info())
+    assert memory.per_image > 0 and memory.per_pair > 0  # NT-Xent's [2n, 2n] logits grow with n^2
+    # an artificially small machine: room for about 50 of the 128 images of a step
+    free = memory.need(50) / budget.HEADROOM
+    monkeypatch.setattr(budget, "available_memory", lambda device: (free, "a test's limit"))
+    with pytest.raises(ConfigError, match=r"train.batch_size=128 does not fit in memory") as e:
+        api.pretrain(_cfg(tmp_path, "train.epochs=1"))
+    named = int(re.search(r"the largest batch that fits is (\d+)", str(e.value)).group(1))
+    assert named == 50 and "--batch-size 50" in str(e.value)
+    assert not (tmp_path / "checkpoint.pt").exists()  # stopped before the first step
+    budget.check_step_fits(memory, batch_size=named, world_size=1, device=torch.device("cpu"), what="x")
+    with pytest.raises(ConfigError):
+        budget.check_step_fits(memory, batch_size=named + 1, world_size=1, device=torch.device("cpu"), what="x")
+    # the trial steps left the method (batch-norm statistics included) and the generator as they were
+    assert all(torch.equal(before[k], v) for k, v in trainer.method.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
+    # the check can be turned off
+    monkeypatch.setattr(budget, "available_memory", lambda device: (1, "nothing"))
+    api.pretrain(_cfg(tmp_path, "train.epochs=1", "train.max_steps=1", "train.memory_check=false"))
+
+
+def test_step_memory_counts_saved_tensors_exactly():
+    """A method whose forward saves a known amount: its view [n, D] (for the weight's gradient), x = w * view
+    (for x x^T) and the exp of the [n, n] product. Bytes: 2 * 4 n D (linear) and 4 n^2 (quadratic), times
+    the backward factor."""
+    from contrastive.methods.base import Method, StepInfo, StepOutput
+    from contrastive.training import budget
+
+    class Toy(Method):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, batch, *, step):
+            x = batch.views[0].flatten(1) * self.w  # [n, D]
+            return StepOutput(loss=(x @ x.T / x.shape[1]).exp().mean())  # [n, n]
+
+    d = 3 * 5 * 5
+    mem = budget.measure_step(Toy(), channels=3, size=5, n_views=1, device=torch.device("cpu"), amp_dtype=None,
+                              step=StepInfo(step=0, epoch=0, total_steps=1))
+    assert mem.per_pair == budget.BACKWARD_FACTOR * 4
+    assert mem.per_image == budget.BACKWARD_FACTOR * 2 * 4 * d + 2 * 4 * d  # saved, plus the view and its source
+    assert mem.fixed == 3 * 4  # the weight's gradient and two optimiser slots
+    assert mem.largest_batch(mem.need(37)) == 37 and mem.largest_batch(mem.need(37) - 1) == 36
+
+
+def test_time_estimate_after_the_first_steps(monkeypatch):
+    from contrastive.training import budget
+
+    clock = iter([0.0, 2.0, 4.0, 6.0, 8.0])
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(budget.TimeEstimate, "STEPS", 3)
+    est = budget.TimeEstimate(start_step=100, end_step=1300, batch_size=64)
+    # step 101 starts the measure; steps 102-104 take 2 s each: 32 images/s, 1200 steps take 40 min
+    assert [est.tick(s) for s in (101, 102, 103)] == [None, None, None]
+    text = est.tick(104)
+    assert text.startswith("32 images/s over steps 102-104: the run's 1,200 steps take about 40 min 00 s, "
+                           "39 min 52 s from now")
+    assert est.tick(105) is None  # once

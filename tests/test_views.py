@@ -238,3 +238,126 @@ def test_make_views_rejects_bad_config(change, field):
         make_views(cfg, MEAN3, STD3, 3, 32)
     if field == "views.backend":
         assert "pil" in str(info.value) and "tensor" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the random draws against the settings that should give them (many samples, fixed seeds)
+
+N_DRAWS = 20000
+
+
+def _capture(monkeypatch, cfg: ViewConfig, *, height: int = 24, width: int = 40, b: int = N_DRAWS) -> dict:
+    """Run one TensorViews view of ``b`` images with every kernel replaced by a recorder, and return what each
+    kernel was given. Cropped pixels carry their sample's index, so later kernels say which samples they got."""
+    got: dict = {}
+
+    def crop(x, boxes, flip, size):
+        got["boxes"], got["flip"] = boxes.clone(), flip.clone()
+        return (torch.arange(x.shape[0], dtype=torch.float32) / x.shape[0]).view(-1, 1, 1, 1).expand(-1, 3, 2, 2).clone()
+
+    def samples(x):
+        return (x[:, 0, 0, 0] * b).round().long()
+
+    def jitter(x, factors, order, apply):
+        got["factors"], got["order"], got["jitter"] = factors.clone(), order.clone(), samples(x[apply])
+        return x
+
+    def record(name):
+        def op(x, *args):
+            got[name] = samples(x)
+            if name == "blur":
+                got["sigma"] = args[0].clone()
+            return x
+        return op
+
+    monkeypatch.setattr(augment, "resized_crop", crop)
+    monkeypatch.setattr(augment, "color_jitter", jitter)
+    monkeypatch.setattr(augment, "to_grayscale", record("grey"))
+    monkeypatch.setattr(augment, "gaussian_blur", record("blur"))
+    monkeypatch.setattr(augment, "solarize", record("solarize"))
+    images = torch.zeros(b, 3, height, width, dtype=torch.uint8)
+    TensorViews(dataclasses.replace(cfg, n_views=1), MEAN3, STD3, channels=3, in_size=height)(images, _gen(11))
+    return got
+
+
+def _ks(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sample Kolmogorov-Smirnov distance: the largest gap between the empirical CDFs."""
+    values = torch.cat([a, b]).unique()
+    cdf = [(torch.searchsorted(x.sort().values, values, right=True).double() / len(x)) for x in (a, b)]
+    return (cdf[0] - cdf[1]).abs().max().item()
+
+
+def _box_stats(boxes: torch.Tensor, height: int, width: int) -> dict[str, torch.Tensor]:
+    top, left, h, w = boxes.double().unbind(1)
+    movable = (h < height) & (w < width)  # relative positions exist where the box can move both ways
+    rel_top = (top / (height - h))[movable]
+    rel_left = (left / (width - w))[movable]
+    return {"area": h * w / (height * width), "log_ratio": torch.log(w / h), "top": rel_top, "left": rel_left,
+            "corr": torch.corrcoef(torch.stack([rel_top, rel_left]))[0, 1]}
+
+
+def test_crop_boxes_follow_torchvision_random_resized_crop(monkeypatch):
+    """Area, log aspect ratio, relative top and left positions, and the top/left correlation of the crop
+    boxes TensorViews draws, against RandomResizedCrop.get_params over as many draws."""
+    import torchvision.transforms as T
+
+    height, width = 24, 40
+    cfg = ViewConfig(**{**PLAIN, "crop_scale": [0.08, 1.0], "crop_ratio": [3 / 4, 4 / 3]})
+    ours = _box_stats(_capture(monkeypatch, cfg, height=height, width=width)["boxes"], height, width)
+    image = torch.zeros(3, height, width)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        theirs = torch.tensor([T.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3])
+                               for _ in range(N_DRAWS)], dtype=torch.float64)
+    theirs = _box_stats(theirs, height, width)
+    for key in ("area", "log_ratio", "top", "left"):
+        # 20,000 draws a side: distances above 0.02 have a chance below 1 in 1,000 for equal distributions
+        assert _ks(ours[key], theirs[key]) < 0.02, key
+    assert abs(ours["corr"] - theirs["corr"]) < 0.05 and abs(ours["corr"]) < 0.05
+
+
+def test_flip_jitter_grey_blur_solarize_happen_at_their_rates_independently(monkeypatch):
+    rates = {"flip": 0.3, "jitter": 0.6, "grey": 0.25, "blur": 0.4, "solarize": 0.15}
+    cfg = ViewConfig(size=8, hflip_p=rates["flip"], jitter_p=rates["jitter"], grayscale_p=rates["grey"],
+                     blur_p=rates["blur"], solarize_p=rates["solarize"], blur_kernel_frac=0.5)
+    got = _capture(monkeypatch, cfg)
+    chosen = {name: torch.zeros(N_DRAWS, dtype=torch.bool) for name in rates}
+    chosen["flip"] = got["flip"]
+    for name in ("jitter", "grey", "blur", "solarize"):
+        chosen[name][got[name]] = True
+    tolerance = 4 * (0.25 / N_DRAWS) ** 0.5  # four binomial standard deviations at p = 1/2
+    for name, p in rates.items():
+        assert abs(chosen[name].double().mean().item() - p) < tolerance, name
+    names = list(rates)
+    for i, a in enumerate(names):  # each decision has its own draw: joint rates are products
+        for b in names[i + 1:]:
+            joint = (chosen[a] & chosen[b]).double().mean().item()
+            assert abs(joint - rates[a] * rates[b]) < tolerance, (a, b)
+    # every one of the 24 orders of the four jitter ops, equally often
+    counts = torch.unique(got["order"], dim=0, return_counts=True)[1]
+    assert len(counts) == 24 and (counts.double() / N_DRAWS - 1 / 24).abs().max() < tolerance
+
+
+@pytest.mark.parametrize("change, ranges", [
+    ({"jitter_strength": 0.5}, [(0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1)]),
+    # s = 1.5: 1 - 0.8 s < 0, clamped to 0 as ColorJitter does; hue 0.2 s = 0.3
+    ({"jitter_strength": 1.5}, [(0.0, 2.2), (0.0, 2.2), (0.0, 2.2), (-0.3, 0.3)]),
+    ({"jitter": [0.4, 0.3, 0.2, 0.1]}, [(0.6, 1.4), (0.7, 1.3), (0.8, 1.2), (-0.1, 0.1)]),
+])
+def test_jitter_factors_are_uniform_over_their_settings_ranges(monkeypatch, change, ranges):
+    factors = _capture(monkeypatch, ViewConfig(size=8, jitter_p=1.0, **change))["factors"].double()
+    for column, (low, high) in zip(factors.T, ranges):
+        width = high - low
+        assert column.min() >= low - 1e-6 and column.max() <= high + 1e-6
+        assert column.min() < low + 0.002 * width and column.max() > high - 0.002 * width  # reaches both ends
+        assert abs(column.mean().item() - (low + high) / 2) < 0.01 * width  # uniform: the middle on average
+        assert abs(column.std().item() - width / 12 ** 0.5) < 0.01 * width
+
+
+@pytest.mark.parametrize("size", [32, 112])
+def test_blur_sigma_is_the_224_px_range_scaled_by_size(monkeypatch, size):
+    sigma = _capture(monkeypatch, ViewConfig(size=size, blur_p=1.0, blur_sigma=[0.1, 2.0]))["sigma"].double()
+    low, high = 0.1 * size / 224, 2.0 * size / 224
+    assert len(sigma) == N_DRAWS and sigma.min() >= low - 1e-7 and sigma.max() <= high + 1e-7
+    assert sigma.min() < low + 0.002 * (high - low) and sigma.max() > high - 0.002 * (high - low)
+    assert abs(sigma.mean().item() - (low + high) / 2) < 0.01 * (high - low)

@@ -34,18 +34,20 @@ from contrastive.config import (
 )
 from contrastive.data import load_splits
 from contrastive.data.preprocess import Preprocess
+from contrastive.data.splits import seen_in_pretraining
 from contrastive.errors import CheckpointError, DataError
 from contrastive.evaluation import (extract_features, knn_device, knn_top1, linear_probe, raw_pixel_features,
                                     save_embeddings)
+from contrastive.machine import describe
 from contrastive.methods.base import BuildContext, Method
 from contrastive.registry import lookup
 from contrastive.training.checkpoint import atomic_save, is_checkpoint, read_file
-from contrastive.training.trainer import Trainer, resolve_device
+from contrastive.training.trainer import CHECKPOINT_NAME, Trainer, resolve_device
 
 log = logging.getLogger("contrastive")
 
 __all__ = ["BuildContext", "Preprocess", "build_method", "embed", "evaluate", "evaluate_encoder", "load_encoder",
-           "pretrain", "resolve_config"]
+           "pretrain", "resolve_config", "run_file"]
 
 ENCODER_FORMAT = "contrastive-encoder/2"
 
@@ -56,8 +58,9 @@ def build_method(cfg: Config, ctx: BuildContext) -> Method:
 
 
 def pretrain(cfg: Config) -> dict[str, Any]:
-    """Pretrain ``cfg.method`` on ``cfg.data``, then (unless ``eval.enabled`` is off) evaluate the frozen
-    backbone with the weighted kNN and the linear probe beside the raw-pixel kNN baseline.
+    """Pretrain ``cfg.method`` on ``cfg.data``, then (unless ``eval.enabled`` is off, or unset on data without
+    labels) evaluate the frozen backbone with the weighted kNN and the linear probe beside the raw-pixel kNN
+    baseline.
 
     Writes into ``train.output``: config.yaml, checkpoint.pt, encoder.pt (backbone weights and their
     preprocessing), metrics.csv, results.json. Returns what results.json holds.
@@ -73,14 +76,32 @@ def pretrain(cfg: Config) -> dict[str, Any]:
             distributed.shutdown()
 
 
+def run_file(path: str | Path, *, encoder: bool = False) -> Path:
+    """``path``, or when it is a run folder the checkpoint.pt in it (or, with ``encoder``, its encoder.pt
+    when it holds no checkpoint)."""
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    names = [CHECKPOINT_NAME, "encoder.pt"] if encoder else [CHECKPOINT_NAME]
+    found = next((p / n for n in names if (p / n).is_file()), None)
+    if found is None:
+        raise CheckpointError(f"{p} is a folder without a {' or '.join(names)}; give a run folder or the file")
+    return found
+
+
 def _pretrain(cfg: Config) -> dict[str, Any]:
+    if cfg.train.resume:  # --resume runs/x: the checkpoint in the run folder
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=str(run_file(cfg.train.resume))))
     out = Path(cfg.train.output)
     # every process decodes its own copy at once; only a download is rank 0's alone, first (data/named.py)
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg.data, evaluate=cfg.eval.enabled is not False)
     train_set = splits.pretrain
-    if cfg.eval.enabled and splits.eval_test is None:
+    evaluate = cfg.eval.enabled is not False and splits.eval_test is not None
+    if cfg.eval.enabled and not evaluate:
         raise DataError(f"{cfg.data.name} has no labels to evaluate with ({splits.note}); pass "
                         f"--train-data and --test-data with labelled folders, or --no-eval")
+    if cfg.eval.enabled is None and not evaluate:
+        log.warning("no evaluation after pretraining: %s", splits.note)
     size = cfg.views.size or train_set.image_size
     ctx = BuildContext.for_run(cfg, train_set, distributed.world_size())
     method = build_method(cfg, ctx)
@@ -104,12 +125,14 @@ def _pretrain(cfg: Config) -> dict[str, Any]:
         "train_seconds": round(time.perf_counter() - t0, 2),
         "images_per_s": round(fit.images_per_s, 2),
         "peak_memory_mb": round(fit.peak_memory_mb, 1),
+        # pretraining on the CPU repeats bit for bit with the same number of threads, not across numbers
+        "device": describe(trainer.device),
         "checkpoint": str(fit.checkpoint),
     }
     if distributed.is_main():
         save_encoder(method, cfg, ctx, preprocess, out / "encoder.pt")
         results["encoder"] = str(out / "encoder.pt")
-    if cfg.eval.enabled and distributed.is_main():
+    if evaluate and distributed.is_main():
         results.update(evaluate_encoder(method.encoder(), preprocess, splits.eval_train, splits.eval_test, cfg,
                                         note=splits.note))
     if distributed.is_main():
@@ -189,8 +212,9 @@ def _materialised(module: nn.Module, path: str | Path) -> nn.Module:
 
 def load_encoder(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the frozen encoder a method evaluates (``Method.encoder()``) from a checkpoint.pt or
-    encoder.pt; returns (module, info) where info holds ``feature_dim``, ``preprocess`` (a Preprocess)
-    and the run's ``config``."""
+    encoder.pt, or a run folder holding either; returns (module, info) where info holds ``feature_dim``,
+    ``preprocess`` (a Preprocess) and the run's ``config``."""
+    path = run_file(path, encoder=True)
     raw = read_file(path)
     if isinstance(raw, dict) and raw.get("format") == ENCODER_FORMAT:
         cfg = build_dataclass(Config, raw["config"], "")
@@ -222,15 +246,23 @@ def evaluate(checkpoint: str | Path, data: DataConfig, *, protocols: tuple[str, 
     """Evaluate any checkpoint on any labelled dataset; writes results.json and config.yaml to ``output``.
 
     The evaluation settings are the checkpoint's run config (defaults for an encoder.pt) with ``overrides``.
+    When the test images were seen (unlabelled) in pretraining, as a held-out fraction of the folder a
+    ``--no-eval`` run pretrained on whole, the log and results.json say so.
     """
     encoder, info = load_encoder(checkpoint)
     data = _at_encoder_size(data, info["preprocess"])
-    cfg = apply_overrides(info["config"] or Config(), list(overrides))
+    pretrained = info["config"] or Config()
+    cfg = apply_overrides(pretrained, list(overrides))
     cfg.data = data
     splits = load_splits(data)
+    seen = seen_in_pretraining(pretrained.data, pretrained.eval.enabled is not False, data)
+    if seen:
+        log.warning("%s", seen)
     res = {"checkpoint": str(checkpoint), "dataset": data.name,
            **evaluate_encoder(encoder, info["preprocess"], splits.eval_train, splits.eval_test, cfg,
                               note=splits.note, protocols=protocols)}
+    if seen:
+        res["evaluation"]["warning"] = seen
     if output is not None:
         Path(output).mkdir(parents=True, exist_ok=True)
         dump_config(cfg, Path(output) / "config.yaml")

@@ -15,15 +15,18 @@ import sys
 import typing
 from pathlib import Path
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from contrastive import api, distributed
 from contrastive.config import (Config, DataConfig, backbone_config, build_dataclass, method_config, resolve_config,
                                 to_dict)
-from contrastive.errors import ContrastiveError
+from contrastive.errors import ConfigError, ContrastiveError
+from contrastive.training.checkpoint import load_checkpoint
 
 
-def _data_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
-    p.add_argument("--data", required=required, help="dataset name (digits, fashion-mnist, mnist, cifar10, "
-                   "cifar100, stl10) or image-folder path" + ("" if required else "; default digits"))
+def _data_flags(p: argparse.ArgumentParser, *, pretrain: bool) -> None:
+    p.add_argument("--data", help="dataset name (digits, fashion-mnist, mnist, cifar10, cifar100, stl10) or "
+                   "image-folder path" + ("; default digits" if pretrain else "; or give --train-data instead"))
     p.add_argument("--data-dir", help="folder holding a named dataset's files (or to download them into)")
     p.add_argument("--train-data", help="labelled data for the evaluation's training side")
     p.add_argument("--test-data", help="labelled data to evaluate on")
@@ -45,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain a method, then evaluate it (kNN, linear probe, raw-pixel kNN)")
     p.add_argument("--method", help="method name (simclr, simclr-v2); default simclr")
-    _data_flags(p, required=False)
+    _data_flags(p, pretrain=True)
     p.add_argument("--config", help="YAML recipe; default configs/<method>-<dataset>.yaml when it exists")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -53,22 +56,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="run folder (default runs/latest)")
     p.add_argument("--device", help="auto, cpu, cuda")
     p.add_argument("--seed", type=int)
-    p.add_argument("--resume", help="checkpoint to continue from")
+    p.add_argument("--resume", help="run folder or checkpoint to continue from, with its config unless --config "
+                   "is given, writing into its folder unless --output is given")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after pretraining")
     p.add_argument("--print-config", action="store_true", help="print the resolved config with help and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.3")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint's frozen backbone on a labelled dataset")
     e.add_argument("protocol", choices=["knn", "linear"])
-    e.add_argument("--checkpoint", required=True, help="checkpoint.pt or encoder.pt")
-    _data_flags(e, required=True)
+    e.add_argument("--checkpoint", required=True, help="checkpoint.pt, encoder.pt, or the run folder holding them")
+    _data_flags(e, pretrain=False)
     e.add_argument("--output", help="folder for results.json (default: <checkpoint folder>/eval-<protocol>)")
     e.add_argument("--device", help="auto, cpu, cuda")
     e.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of eval.* fields, e.g. eval.knn_k=20")
 
     m = sub.add_parser("embed", help="write a checkpoint's features of a dataset to a .npy file")
-    m.add_argument("--checkpoint", required=True)
-    _data_flags(m, required=True)
+    m.add_argument("--checkpoint", required=True, help="checkpoint.pt, encoder.pt, or the run folder holding them")
+    _data_flags(m, pretrain=False)
     m.add_argument("--output", required=True, help="features file, ending in .npy (labels go beside it)")
     m.add_argument("--split", default="all", choices=["all", "pretrain", "test"])
     m.add_argument("--device", default="auto")
@@ -88,7 +92,15 @@ def _pretrain(a: argparse.Namespace) -> int:
         tree["seed"] = a.seed
     if a.no_eval:
         tree["eval"] = {"enabled": False}
-    cfg = resolve_config(recipe=a.config, tree=tree, overrides=a.overrides)
+    recipe = a.config
+    if a.resume:  # the run goes on as it was configured, in its own folder
+        ckpt = api.run_file(a.resume)
+        tree["train"]["resume"] = str(ckpt)
+        if a.output is None and not any(o.startswith("train.output=") for o in a.overrides):
+            tree["train"]["output"] = str(ckpt.parent)
+        if recipe is None:
+            recipe = load_checkpoint(ckpt)["config"]
+    cfg = resolve_config(recipe=recipe, tree=tree, overrides=a.overrides)
     if a.print_config:
         _print_config(cfg)
         return 0
@@ -98,9 +110,21 @@ def _pretrain(a: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_data(a: argparse.Namespace) -> DataConfig:
+    """The data to evaluate or embed: --data, or without it --train-data in its place (with --test-data as
+    the test side, else its own split)."""
+    tree = _data_tree(a)
+    if a.data is None:
+        if a.train_data is None:
+            raise ConfigError(f"{a.command} needs data: --data, or --train-data (with --test-data for the test side)")
+        tree["name"] = tree.pop("train_data")
+    return build_dataclass(DataConfig, tree, "data")
+
+
 def _eval(a: argparse.Namespace) -> int:
-    data = build_dataclass(DataConfig, _data_tree(a), "data")
-    out = Path(a.output) if a.output else Path(a.checkpoint).parent / f"eval-{a.protocol}"
+    data = _eval_data(a)
+    run = Path(a.checkpoint) if Path(a.checkpoint).is_dir() else Path(a.checkpoint).parent
+    out = Path(a.output) if a.output else run / f"eval-{a.protocol}"
     overrides = list(a.overrides) + ([f"train.device={a.device}"] if a.device else [])
     res = api.evaluate(a.checkpoint, data, protocols=(a.protocol,), overrides=overrides, output=out)
     _report(res, out)
@@ -108,9 +132,10 @@ def _eval(a: argparse.Namespace) -> int:
 
 
 def _embed(a: argparse.Namespace) -> int:
-    data = build_dataclass(DataConfig, _data_tree(a), "data")
+    data = _eval_data(a)
     res = api.embed(a.checkpoint, data, a.output, split=a.split, device=a.device)
-    print(f"wrote {res['images']} x {res['dim']} features of {a.data} ({res['split']}): {', '.join(res['features'])}")
+    print(f"wrote {res['images']} x {res['dim']} features of {data.name} ({res['split']}): "
+          f"{', '.join(res['features'])}")
     return 0
 
 
@@ -124,7 +149,8 @@ def _report(res: dict, folder: Path) -> None:
         ev = res["evaluation"]
         lines.insert(0, f"evaluated on {ev['test_images']} images ({ev['split']}):")
     if "images_per_s" in res:
-        lines.append(f"  {'training images/s':<32} {res['images_per_s']:.1f}")
+        lines.append(f"  {'training images/s':<32} {res['images_per_s']:.1f} ({res['device']})")
+        lines.append(f"  {'peak memory MiB':<32} {res['peak_memory_mb']:.0f}")
     lines.append(f"results: {folder / 'results.json'}")
     print("\n".join(lines))
 
@@ -136,6 +162,8 @@ def _print_config(cfg: Config) -> None:
             key = f"{prefix}{f.name}"
             if dataclasses.is_dataclass(value):
                 walk(value, key + ".")
+            elif key == "auto":
+                continue  # printed last, one choice a line
             else:
                 print(f"{key} = {to_dict(value)!r}\n    {f.metadata.get('help', '')}")
 
@@ -145,6 +173,10 @@ def _print_config(cfg: Config) -> None:
         for f in dataclasses.fields(typed):
             print(f"{section}.{f.name} = {getattr(typed, f.name)!r}  ({hints[f.name]})\n"
                   f"    {f.metadata.get('help', '')}")
+    if cfg.auto:
+        print("auto: derived from the data and the device (no recipe for this method and data):")
+        for key, reason in cfg.auto.items():
+            print(f"  {key} = {reason}")
 
 
 def error_message(e: BaseException) -> str:
@@ -172,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if quiet else logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        return {"pretrain": _pretrain, "eval": _eval, "embed": _embed}[a.command](a)
+        # log lines (the memory check, the time estimate) print above the progress bar, not into it
+        with logging_redirect_tqdm():
+            return {"pretrain": _pretrain, "eval": _eval, "embed": _embed}[a.command](a)
     except ContrastiveError as e:
         print(f"contrastive: error: {error_message(e)}", file=sys.stderr)
         return 2

@@ -40,9 +40,11 @@ class DataConfig:
     split_seed: int = _f(0, "Seed of the held-out split (and of digits' 80/20 split), fixed apart from "
                          "the training seed so every run evaluates on the same images.")
     image_size: int | None = _f(None, "Side the loader decodes every image to (square); None keeps the "
-                                "dataset's native size (digits: upsampled 8 -> 32 so crops have room).")
-    in_memory: bool = _f(True, "Decode the whole dataset once into a uint8 tensor (CIFAR-10: 150 MB) "
-                         "instead of decoding every epoch; turn off for datasets larger than memory.")
+                                "dataset's native size (a folder: its images' median shorter side; digits: "
+                                "upsampled 8 -> 32 so crops have room).")
+    in_memory: bool | None = _f(None, "Decode the whole dataset once into a uint8 tensor (CIFAR-10: 150 MB) "
+                                "instead of decoding every epoch; None: when the decoded set takes at most half "
+                                "the memory available, else decode per batch (the log says so).")
     skip_corrupt: bool = _f(False, "Skip unreadable images and count them in the log, rather than stop "
                             "with an error naming the file.")
     download: bool = _f(True, "Download a named dataset through torchvision when it is not found locally.")
@@ -134,11 +136,16 @@ class TrainConfig:
     tf32: bool = _f(False, "TF32 (10-bit mantissa) in fp32 matmuls and convolutions on Ampere and newer GPUs: "
                     "several times faster fp32. Off: precision=auto trains in bf16 on those GPUs anyway, and the "
                     "losses are computed in fp32 on purpose. CUDA only; logged.")
+    memory_check: bool = _f(True, "Before the first epoch, estimate a step's memory from trial steps at small "
+                            "batches and stop with the largest batch that fits when train.batch_size does not; "
+                            "off: trust the batch size (the estimate errs on the large side).")
 
 
 @dataclass
 class EvalConfig:
-    enabled: bool = _f(True, "Run kNN and linear-probe evaluation at the end of pretraining.")
+    enabled: bool | None = _f(None, "Run kNN and linear-probe evaluation at the end of pretraining; None: when "
+                              "there are labels to evaluate with (an unlabeled folder pretrains only, and "
+                              "says so); true: an error without them.")
     knn: bool = _f(True, "Weighted kNN (Wu et al. 2018): cosine similarity, k neighbours, temperature.")
     knn_k: int = _f(200, "Neighbours in the weighted kNN; 200 in InstDisc (Wu et al. 2018, Sec. 3.4).")
     knn_temperature: float = _f(0.07, "Weight exp(sim / T); T=0.07 as in InstDisc.")
@@ -166,6 +173,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    auto: dict = _f({}, "Settings derived from the data and the device when the method has no recipe for the "
+                    "data (see contrastive/autoconfig.py), each with its reason; a record: the values are in "
+                    "their sections.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,12 +318,9 @@ def recipe_dir() -> Path:
 
 
 def find_recipe(method: str, dataset: str) -> Path | None:
-    """The paper-default recipe for a method on a dataset: ``<method>-<dataset>.yaml``, else ``<method>.yaml``."""
-    d = recipe_dir()
-    for name in (f"{method}-{dataset}.yaml", f"{method}.yaml"):
-        if (d / name).is_file():
-            return d / name
-    return None
+    """The recipe written for a method on a dataset, ``configs/<method>-<dataset>.yaml``, or None."""
+    path = recipe_dir() / f"{method}-{dataset}.yaml"
+    return path if path.is_file() else None
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -330,26 +337,34 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def resolve_config(
-    *, recipe: str | Path | None = None, tree: dict | None = None, overrides: list[str] = ()
+    *, recipe: str | Path | dict | None = None, tree: dict | None = None, overrides: list[str] = ()
 ) -> Config:
     """Defaults <- recipe <- ``tree`` (e.g. from CLI flags) <- ``key=value`` overrides, validated.
 
-    When ``recipe`` is None, the method and dataset named in ``tree``/``overrides`` pick the paper
-    recipe ``configs/<method>-<dataset>.yaml`` if there is one.
+    ``recipe`` is a YAML file or an already read tree (a checkpoint's config). When it is None, the method
+    and dataset named in ``tree``/``overrides`` pick ``configs/<method>-<dataset>.yaml``; when there is none
+    (an image folder, or a dataset the method has no recipe for), ``autoconfig.derive`` picks the recipe
+    family and derives the settings that fit the data and the device, recorded in the ``auto`` section.
     """
-    merged: dict = {}
     parsed = [parse_override(o) for o in overrides]
     layer: dict = _deep_merge({}, tree or {})
     for path, value in parsed:
         _set_path(layer, path, value)
-    if recipe is None:
+    if isinstance(recipe, dict):
+        merged = dict(recipe)
+    elif recipe is not None:
+        merged = read_yaml(recipe)
+    else:
         method = (layer.get("method") or {}).get("name", "simclr")
         dataset = str((layer.get("data") or {}).get("name", "digits"))
         found = find_recipe(method, dataset)
         if found is not None:
             merged = read_yaml(found)
-    else:
-        merged = read_yaml(recipe)
+        else:
+            from contrastive.autoconfig import derive
+
+            merged, reasons = derive(method, layer)
+            merged["auto"] = reasons
     merged = _deep_merge(merged, layer)
     cfg = build_dataclass(Config, merged, "")
     validate(cfg)

@@ -9,6 +9,7 @@ later, batched on the training device.
 from __future__ import annotations
 
 import bisect
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterable, Sequence
@@ -21,6 +22,11 @@ from torch.utils.data import Dataset, default_collate
 # Normalisation statistics of a folder come from at most this many images, evenly spaced in dataset order
 # so the sample (and so the statistics) is the same on every run.
 STATS_SAMPLE = 2000
+# With data.in_memory unset, a dataset is decoded into memory when it takes at most this fraction of the
+# memory available: the rest is for training (a step of a ResNet-50 at batch 256 takes tens of GiB).
+IN_MEMORY_FRACTION = 0.5
+
+log = logging.getLogger("contrastive.data")
 
 
 class ImageDataset(Dataset):
@@ -216,6 +222,22 @@ def resize_images(images: Tensor, size: int) -> Tensor:
                               align_corners=False, antialias=True)
         out[s : s + 512] = chunk.round_().clamp_(0, 255)
     return out
+
+
+def decide_in_memory(setting: bool | None, decoded_bytes: int, what: str) -> bool:
+    """``data.in_memory`` when set; unset (None), whether ``decoded_bytes`` fits in IN_MEMORY_FRACTION of the
+    host memory available now (the log says when it does not, and what the data will do instead)."""
+    if setting is not None:
+        return setting
+    from contrastive.machine import available_memory, gib
+
+    available, source = available_memory(torch.device("cpu"))
+    if decoded_bytes <= IN_MEMORY_FRACTION * available:
+        return True
+    log.warning("%s: decoded, the images take %s, more than %d%% of the %s available (%s): they are decoded "
+                "per batch instead (data.in_memory=false); data.in_memory=true holds them in memory anyway",
+                what, gib(decoded_bytes), round(IN_MEMORY_FRACTION * 100), gib(available), source)
+    return False
 
 
 def stats_indices(n: int) -> Tensor:

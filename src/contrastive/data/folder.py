@@ -4,6 +4,9 @@ unlabeled images, decoded to RGB squares either once into memory or per item."""
 from __future__ import annotations
 
 import logging
+import os
+import statistics
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Iterator
@@ -15,7 +18,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from contrastive.config import DataConfig
-from contrastive.data.datasets import ImageDataset, MeasuredStats, TensorImages, channel_stats, stats_indices
+from contrastive.data.datasets import (ImageDataset, MeasuredStats, TensorImages, channel_stats, decide_in_memory,
+                                       stats_indices)
 from contrastive.errors import DataError
 
 log = logging.getLogger("contrastive.data")
@@ -47,24 +51,74 @@ def decode_image(path: Path, size: int) -> Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
 
-def _images_in(folder: Path, *, recursive: bool) -> list[Path]:
-    found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+@dataclass
+class Listing:
+    """The image files under a folder, in sorted order, and what was passed over: hidden files and folders
+    (names starting with a dot, e.g. .DS_Store, .git, macOS ._ files) and files of other types."""
+
+    files: list[Path]
+    hidden: list[Path] = field(default_factory=list)
+    other: list[Path] = field(default_factory=list)
+
+    def __add__(self, other: "Listing") -> "Listing":
+        return Listing(self.files + other.files, self.hidden + other.hidden, self.other + other.other)
 
 
-def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[Path], Tensor, list[str] | None]:
+def list_images(folder: Path, *, recursive: bool) -> Listing:
+    """The image files (by extension) in ``folder``, and in its sub-folders when ``recursive``.
+
+    Symbolic links to files and folders are followed (a link back up the tree is entered once); hidden
+    entries and non-image files are left out and listed.
+    """
+    listing = Listing([])
+    seen: set[str] = set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link loop, or two links to one folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        listing.hidden += [Path(top, d) for d in dirs if d.startswith(".")]
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        for name in names:
+            path = Path(top, name)
+            if name.startswith("."):
+                listing.hidden.append(path)
+            elif path.suffix.lower() in IMAGE_EXTENSIONS:
+                listing.files.append(path)
+            else:
+                listing.other.append(path)
+    listing.files.sort()
+    return listing
+
+
+def _log_ignored(root: Path, listing: Listing) -> None:
+    for what, paths in (("hidden file(s) or folder(s)", listing.hidden), ("non-image file(s)", listing.other)):
+        if paths:
+            log.info("%s: ignored %d %s (%s%s)", root, len(paths), what, ", ".join(p.name for p in paths[:3]),
+                     ", ..." if len(paths) > 3 else "")
+
+
+def scan_folder(root: Path, classes: list[str] | None = None, *, log_ignored: bool = True
+                ) -> tuple[list[Path], Tensor, list[str] | None]:
     """``(files, labels int64 [N], classes)`` of an image folder, in sorted, deterministic order.
 
     Sub-folders holding images (at any depth) are classes, as in torchvision's ImageFolder; a folder with
     none is a flat, unlabeled folder (labels -1, classes None). ``classes`` given (a test side read against
     its training side): labels index into that list, and a class sub-folder outside it is an error.
+    Hidden and non-image files are ignored, and counted in the log unless ``log_ignored`` is off.
     """
+    top = list_images(root, recursive=False)  # the loose images, and what else is at the top
+    listing = Listing([], top.hidden, top.other)
     per_class = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = _images_in(d, recursive=True)
-        if files:
-            per_class[d.name] = files
-    loose = _images_in(root, recursive=False)
+        inside = list_images(d, recursive=True)
+        listing += Listing([], inside.hidden, inside.other)
+        if inside.files:
+            per_class[d.name] = inside.files
+    loose = top.files
+    if log_ignored:
+        _log_ignored(root, listing)
     if not per_class:
         if not loose:
             raise DataError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) in {root} or its "
@@ -145,16 +199,41 @@ class FolderImages(MeasuredStats, ImageDataset):
         return channel_stats(_readable_batches(sample, self.image_size, self.num_workers))
 
 
-def _first_size(files: list[Path], skip_corrupt: bool) -> int:
-    """Shorter side of the first readable image (read from its header only)."""
-    for path in files:
+# Image sizes are read from this many headers at most, evenly spaced in sorted order (so the same on every run).
+SIZE_SAMPLE = 256
+
+
+@dataclass(frozen=True)
+class SizeSurvey:
+    """Shorter sides of a sample of a folder's images, read from their headers."""
+
+    typical: int  # the median shorter side: the decode size when data.image_size is unset
+    smallest: int
+    largest: int
+    sampled: int  # readable headers read
+    grey: int  # sampled images stored with one channel (decoded to RGB like the rest)
+
+    def describe(self) -> str:
+        spread = f", {self.smallest}-{self.largest} px" if self.smallest != self.largest else ""
+        grey = f", {self.grey} greyscale, decoded to RGB" if self.grey else ""
+        return f"typically {self.typical} px (the median shorter side of {self.sampled} sampled{spread}{grey})"
+
+
+def survey_sizes(files: list[Path]) -> SizeSurvey:
+    """The sizes of up to SIZE_SAMPLE evenly spaced images of ``files``. Unreadable files are passed over
+    here (decoding names them); a DataError when none of the sample can be read."""
+    step = max(len(files) // SIZE_SAMPLE, 1)
+    sides, grey, first_error = [], 0, None
+    for path in files[::step][:SIZE_SAMPLE]:
         try:
             with Image.open(path) as img:
-                return min(img.size)
+                sides.append(min(img.size))
+                grey += img.mode in ("1", "L", "LA", "I", "I;16", "F")
         except _PIL_ERRORS as e:
-            if not skip_corrupt:
-                raise _unreadable(path, e) from None
-    raise DataError(f"none of the {len(files)} images in {files[0].parent} is readable")
+            first_error = first_error or _unreadable(path, e)
+    if not sides:
+        raise first_error or DataError(f"no images to read sizes from in {files[0].parent}")
+    return SizeSurvey(int(statistics.median_low(sides)), min(sides), max(sides), len(sides), grey)
 
 
 def _load_into_memory(files: list[Path], labels: Tensor, *, root: Path, classes: list[str] | None, size: int,
@@ -183,11 +262,12 @@ def _load_into_memory(files: list[Path], labels: Tensor, *, root: Path, classes:
 
 def open_folder(root: Path, cfg: DataConfig, classes: list[str] | None = None) -> ImageDataset:
     """An image folder as a dataset of RGB ``[3, S, S]`` images, S = ``cfg.image_size`` or, when None, the
-    shorter side of the first image; decoded once into memory when ``cfg.in_memory`` (in
+    images' median shorter side (``survey_sizes``); decoded once into memory when ``cfg.in_memory`` (unset:
+    when the decoded set fits, see ``decide_in_memory``) (in
     ``cfg.num_workers`` DataLoader workers), else per item. ``classes``: see ``scan_folder``."""
     files, labels, classes = scan_folder(root, classes)
-    size = cfg.image_size or _first_size(files, cfg.skip_corrupt)
-    if cfg.in_memory:
+    size = cfg.image_size or survey_sizes(files).typical
+    if decide_in_memory(cfg.in_memory, len(files) * 3 * size * size, f"{root} ({len(files)} images at {size} px)"):
         return _load_into_memory(files, labels, root=root, classes=classes, size=size, cfg=cfg)
     return FolderImages(files, labels, name=str(root), classes=classes, size=size,
                         skip_corrupt=cfg.skip_corrupt, num_workers=cfg.num_workers)

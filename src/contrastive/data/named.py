@@ -21,7 +21,7 @@ from torch import Tensor
 
 from contrastive import distributed
 from contrastive.config import DataConfig
-from contrastive.data.datasets import Concat, Splits, TensorImages, resize_images
+from contrastive.data.datasets import Concat, Splits, TensorImages, decide_in_memory, resize_images
 from contrastive.errors import DataError
 from contrastive.registry import register
 
@@ -42,6 +42,11 @@ STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monk
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 STL10_FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin")
+
+# (channels, native side, pretraining images) of each dataset, known without reading it: what settings
+# derived from the data (contrastive.autoconfig) start from.
+SHAPES = {"digits": (1, 8, 1437), "fashion-mnist": (1, 28, 60000), "mnist": (1, 28, 60000),
+          "cifar10": (3, 32, 50000), "cifar100": (3, 32, 50000), "stl10": (3, 96, 105000)}
 
 
 def data_root(cfg: DataConfig) -> Path:
@@ -92,10 +97,12 @@ def _torchvision_download(cls_name: str, **kwargs: Any) -> Callable[[Path], None
 
 def _tensor_dataset(pixels: Tensor, labels: Tensor, cfg: DataConfig, *, name: str, classes: list[str],
                     stats: tuple[tuple[float, ...], tuple[float, ...]] | None) -> TensorImages:
-    """Served at ``cfg.image_size`` (default: native): resized once here when ``cfg.in_memory``, else per
-    item, so a dataset resized up (CIFAR to 224 px) need not be held at that size."""
+    """Served at ``cfg.image_size`` (default: native): resized once here when ``cfg.in_memory`` (unset: when
+    the resized set fits, see ``decide_in_memory``), else per item, so a dataset resized up (CIFAR to 224 px)
+    need not be held at that size."""
     size = cfg.image_size or pixels.shape[-1]
-    if cfg.in_memory:
+    if size != pixels.shape[-1] and decide_in_memory(cfg.in_memory, pixels[:, :, :1, :1].numel() * size * size,
+                                                     f"{name} ({len(pixels)} images at {size} px)"):
         pixels = resize_images(pixels, size)
     mean, std = stats or (None, None)
     return TensorImages(pixels, labels, name=name, classes=classes, size=size, mean=mean, std=std)
@@ -294,7 +301,7 @@ def _stl10_labels(path: Path) -> Tensor:
 def stl10(cfg: DataConfig) -> Splits:
     """STL-10's binary format (data_dir/stl10_binary), 96 px: pretraining on train + unlabeled (5k + 100k,
     the unlabeled with label -1); evaluation on the official train (5k) / test (8k) split. Without
-    ``cfg.in_memory`` the images stay memory-mapped."""
+    ``cfg.in_memory`` (or, unset, when they would not fit) the images stay memory-mapped."""
     folder = _locate("stl10", cfg, [data_root(cfg) / "stl10_binary"],
                      lambda p: all((p / n).is_file() for n in STL10_FILES),
                      f"stl10_binary/ ({', '.join(STL10_FILES)})", _torchvision_download("STL10", split="train"))
@@ -308,7 +315,9 @@ def stl10(cfg: DataConfig) -> Splits:
                         f"(train {len(train_x)}/{len(train_y)}, test {len(test_x)}/{len(test_y)})")
     unlabeled_y = torch.full((len(unlabeled_x),), -1, dtype=torch.long)
     common = dict(classes=classes, stats=STL10_STATS)
-    if cfg.in_memory:
+    size = cfg.image_size or 96
+    if decide_in_memory(cfg.in_memory, (len(train_x) + len(unlabeled_x)) * 3 * size * size,
+                        f"stl10/train+unlabeled ({len(train_x) + len(unlabeled_x)} images at {size} px)"):
         # One tensor for train + unlabeled, the train split a view of its head: no second copy of the 5k.
         pixels = torch.empty(len(train_x) + len(unlabeled_x), 3, 96, 96, dtype=torch.uint8)
         pixels[: len(train_x)] = train_x

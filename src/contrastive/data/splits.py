@@ -5,6 +5,7 @@
 - A single labelled folder: a seeded, per-class held-out fraction (``data.holdout``) is the test side; the
   rest is both the pretraining data and the evaluation's train side.
 - An unlabeled folder: no evaluation unless ``data.train_data`` / ``data.test_data`` name labelled data.
+- No evaluation (``--no-eval``): the pretraining data as above, a single labelled folder whole (none held out).
 
 ``data.train_data`` alone: the evaluation uses that data's own split (official test split, test/ sub-folder
 or held-out fraction). ``data.test_data`` alone: it is the test side, and the pretraining data's labelled
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +25,7 @@ import torch
 from contrastive.config import DataConfig
 from contrastive.data import named  # noqa: F401  (fills the dataset registry)
 from contrastive.data.datasets import ImageDataset, Splits, is_labelled, subset
-from contrastive.data.folder import open_folder
+from contrastive.data.folder import open_folder, scan_folder, survey_sizes
 from contrastive.errors import ConfigError, DataError
 from contrastive.registry import lookup, names
 
@@ -105,9 +107,17 @@ def resolve_dataset(name_or_path: str, cfg: DataConfig, *, image_size: int | Non
     return _complete(_open(name_or_path, cfg, image_size=image_size), name_or_path, cfg)
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """The run's pretraining data and evaluation sides (see the module docstring for the rules)."""
+def load_splits(cfg: DataConfig, *, evaluate: bool = True) -> Splits:
+    """The run's pretraining data and evaluation sides (see the module docstring for the rules).
+
+    ``evaluate`` off (``--no-eval``): nothing is held out, so a single folder is pretrained on whole, and the
+    evaluation sides are None.
+    """
     base = _open(cfg.name, cfg)
+    if not evaluate:
+        held = "" if base.eval_test is not None or base.eval_train is None else ", none held out"
+        return Splits(base.pretrain, None, None,
+                      note=f"pretraining on {len(base.pretrain)} images of {cfg.name} (no evaluation{held})")
     if cfg.train_data is None and cfg.test_data is None:
         return _complete(base, cfg.name, cfg)
     size = base.pretrain.image_size
@@ -133,6 +143,68 @@ def load_splits(cfg: DataConfig) -> Splits:
         raise DataError(f"the evaluation's train data {train.name} and test data {test.name} have different "
                         f"classes ({train.classes} vs {test.classes}); their labels must mean the same")
     return Splits(base.pretrain, train, test, note=f"pretraining on {cfg.name}; {how}")
+
+
+def seen_in_pretraining(pretrained: DataConfig, pretrain_evaluated: bool, data: DataConfig) -> str | None:
+    """Why the test side ``load_splits(data)`` gives holds images that pretraining on ``pretrained`` read,
+    or None when it holds none. ``pretrain_evaluated``: whether that run evaluated (``--no-eval`` off), and
+    so held its test fraction out of pretraining. Folders only: a named dataset's test split is never
+    pretrained on."""
+    def same(a: str, b: str) -> bool:
+        return a not in names("datasets") and b not in names("datasets") and \
+            Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+    source, own_split = (data.test_data, False) if data.test_data is not None else (data.train_data or data.name, True)
+    if not same(source, pretrained.name) or split_layout(Path(source).expanduser()) is not None:
+        return None  # another folder, or one with a test/ side that pretraining does not read
+    held_before = pretrain_evaluated and pretrained.train_data is None and pretrained.test_data is None
+    if own_split and held_before and (data.holdout, data.split_seed) == (pretrained.holdout, pretrained.split_seed):
+        return None  # the very images pretraining held out
+    test = (f"the {data.holdout:.0%} held out of {source} (seed {data.split_seed})" if own_split else
+            f"all of {source}")
+    if not held_before:
+        read = f"pretraining read every image of {pretrained.name}" + ("" if pretrain_evaluated else
+                                                                      " (it ran with --no-eval)")
+    else:
+        read = (f"pretraining held out {pretrained.holdout:.0%} of it with seed {pretrained.split_seed}, "
+                f"not the same images")
+    return (f"the test images ({test}) were seen, unlabelled, during pretraining: {read}. The accuracy overstates "
+            f"what the encoder does on new images; name a separate test side with --test-data")
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What pretraining on a DataConfig will read, known before decoding anything."""
+
+    images: int  # pretraining images (a single labelled folder: less the held-out fraction)
+    size: int  # typical side: a named dataset's native one, a folder's median shorter side
+    channels: int
+    how: str  # one line: where the numbers come from
+
+
+def probe(cfg: DataConfig, *, evaluate: bool = True) -> DataShape:
+    """The shape of ``cfg``'s pretraining data from the dataset's known shape or a folder's listing and image
+    headers (``survey_sizes``); ``evaluate``: as in ``load_splits`` (whether a fraction is held out)."""
+    if cfg.name in names("datasets"):
+        if cfg.name not in named.SHAPES:
+            raise ConfigError(f"no shape known for dataset {cfg.name!r}; pass a recipe with --config")
+        channels, size, images = named.SHAPES[cfg.name]
+        return DataShape(images, size, channels, f"{cfg.name}: {images:,} pretraining images, {channels} "
+                                                 f"channel(s), {size} px")
+    path = Path(cfg.name).expanduser()
+    if not path.is_dir():
+        _open(cfg.name, cfg)  # the same error as loading would give
+    layout = split_layout(path)
+    folder = layout[0] if layout else path
+    files, labels, classes = scan_folder(folder, log_ignored=False)
+    survey = survey_sizes(files)
+    images = len(files)
+    held = evaluate and layout is None and classes is not None and cfg.train_data is None and cfg.test_data is None
+    if held:
+        images -= round(cfg.holdout * images)
+    return DataShape(images, survey.typical, 3, f"{folder}: {len(files):,} images"
+                                                f"{f' ({images:,} for pretraining)' if held else ''}, "
+                                                f"{survey.describe()}")
 
 
 def _needs_labels(ds: ImageDataset | None, key: str, source: str) -> ImageDataset:

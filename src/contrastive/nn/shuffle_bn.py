@@ -43,8 +43,10 @@ class SplitBatchNorm(_BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, n, c = self.num_splits, x.shape[0], x.shape[1]
-        if not self.training or s == 1:
+        if not self.training:
             return super().forward(x)
+        # one group takes the same code as several: a process holding one group computes bit for bit what a
+        # process holding two computes for each of them
         if n % s:
             raise ValueError(f"a batch of {n} cannot be split into {s} batch-norm groups")
         nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

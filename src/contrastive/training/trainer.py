@@ -34,6 +34,7 @@ from contrastive.data.preprocess import Preprocess
 from contrastive.data.views import make_views
 from contrastive.errors import CheckpointError, ConfigError, NonFiniteLossError
 from contrastive.methods.base import STREAM_GLOBAL, Batch, BuildContext, Method, StepInfo, StepOutput, step_seed
+from contrastive.training.budget import TimeEstimate, check_step_fits, measure_step
 from contrastive.training.checkpoint import (FORMAT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state,
                                              to_cpu)
 from contrastive.training.optim import build_optimizer
@@ -385,6 +386,10 @@ class Trainer:
         try:
             # once: a method that keeps a frozen part in eval mode overrides train() to say so
             self.method.train()
+            if cfg.train.memory_check:
+                self.check_memory()
+            end = min(self.total_steps, cfg.train.max_steps or self.total_steps)
+            clock = TimeEstimate(self.step, end, cfg.train.batch_size)
             while self.epoch < cfg.train.epochs and stopped is None:
                 if bar is not None:
                     bar.set_description(f"epoch {self.epoch + 1}/{cfg.train.epochs}")
@@ -398,6 +403,9 @@ class Trainer:
                                optim=cfg.optim, peak=self.peak_lr)
                     out = self._train_step(images, index, labels, lr)
                     images_seen += cfg.train.batch_size
+                    estimate = clock.tick(self.step)
+                    if estimate and distributed.is_main():
+                        log.info("expected time: %s", estimate)
                     if bar is not None:
                         bar.update(1)
                     if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
@@ -441,6 +449,16 @@ class Trainer:
             stopped_early=stopped,
             checkpoint=self.output / CHECKPOINT_NAME,
         )
+
+    def check_memory(self) -> None:
+        """Before the first step: a ConfigError naming the largest batch that fits when a step at
+        train.batch_size would not fit in the device's free memory (trial steps, see training/budget.py)."""
+        size = self.context.image_size
+        memory = measure_step(self.method, channels=self.dataset.channels, size=size,
+                              n_views=self.cfg.views.n_views, device=self.device, amp_dtype=self.amp_dtype,
+                              step=self.step_info(), dataset_size=len(self.dataset))
+        check_step_fits(memory, batch_size=self.cfg.train.batch_size, world_size=self.world, device=self.device,
+                        what=f"{self.cfg.method['name']} with {self.cfg.backbone['name']} on {size} px views")
 
     def step_info(self) -> StepInfo:
         return StepInfo(step=self.step, epoch=self.epoch, total_steps=self.total_steps,
