@@ -254,9 +254,9 @@ def test_two_processes_equal_one(tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 # exact resume through the trainer
 
-FAST = ["method.name=moco-v3", "backbone.name=small_cnn", "data.image_size=16", "train.batch_size=128",
+FAST = ["method.name=moco-v3", "backbone.name=small_cnn", "data.image_size=8", "train.batch_size=128",
         "train.progress=false", "eval.enabled=false", "train.log_every=1", "views.crop_scale=[0.5,1.0]",
-        "method.hidden_dim=64", "method.projection_dim=16", "train.epochs=2"]
+        "method.hidden_dim=32", "method.projection_dim=16", "train.epochs=2"]
 
 
 @pytest.mark.slow

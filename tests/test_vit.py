@@ -15,7 +15,7 @@ from contrastive.nn.vit import sincos_position_embedding
 timm = pytest.importorskip("timm")
 
 
-def _vit(name="vit_tiny", size=32, channels=3, **fields):
+def _vit(name="vit_tiny", size=16, channels=3, **fields):
     torch.manual_seed(0)
     return build_backbone({"name": name, "patch_size": 4, **fields}, in_channels=channels, image_size=size)
 
@@ -34,10 +34,10 @@ def test_sizes_at_32px_with_patch_4(name, dim, heads):
 
 def test_tiny_forward_is_the_class_token_after_the_final_norm():
     net, dim = _vit()
-    x = torch.randn(3, 3, 32, 32)
+    x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         out = net.eval()(x)
-        tokens = net.forward_features(x)  # [3, 1 + 64, 192], after the final LayerNorm
+        tokens = net.forward_features(x)  # [3, 1 + 16, 192], after the final LayerNorm
     assert out.shape == (3, dim) and torch.isfinite(out).all()
     torch.testing.assert_close(out, tokens[:, 0])
     assert isinstance(net.head, torch.nn.Identity)  # no classifier
@@ -63,23 +63,23 @@ def _manual_forward(net, x, pos_embed):
 
 
 def test_position_embedding_is_the_identity_at_the_built_size_and_interpolated_elsewhere():
-    net, dim = _vit(size=32)  # built for an 8x8 grid
+    net, dim = _vit(size=16)  # built for a 4x4 grid
     net.eval()
     with torch.no_grad():
-        x = torch.randn(2, 3, 32, 32)
+        x = torch.randn(2, 3, 16, 16)
         # at the built size: the stored embedding itself, bitwise
         assert torch.equal(net(x), _manual_forward(net, x, net.pos_embed))
-        # another size (multi-crop's small crops): 16 px -> a 4x4 grid, bicubic from the 8x8 grid, the class
+        # another size (multi-crop's small crops): 8 px -> a 2x2 grid, bicubic from the 4x4 grid, the class
         # token's entry kept as it is
-        small = torch.randn(2, 3, 16, 16)
+        small = torch.randn(2, 3, 8, 8)
         out = net(small)
         assert out.shape == (2, dim) and torch.isfinite(out).all()
-        grid = net.pos_embed[:, 1:].reshape(1, 8, 8, dim).permute(0, 3, 1, 2)
-        resized = F.interpolate(grid, size=(4, 4), mode="bicubic", antialias=True, align_corners=False)
-        pos = torch.cat([net.pos_embed[:, :1], resized.permute(0, 2, 3, 1).reshape(1, 16, dim)], dim=1)
+        grid = net.pos_embed[:, 1:].reshape(1, 4, 4, dim).permute(0, 3, 1, 2)
+        resized = F.interpolate(grid, size=(2, 2), mode="bicubic", antialias=True, align_corners=False)
+        pos = torch.cat([net.pos_embed[:, :1], resized.permute(0, 2, 3, 1).reshape(1, 4, dim)], dim=1)
         torch.testing.assert_close(out, _manual_forward(net, small, pos))
-        # and larger (a 224 px model shown 256 px): a 12x12 grid
-        assert net(torch.randn(1, 3, 48, 48)).shape == (1, dim)
+        # and larger (a 224 px model shown 256 px): a 6x6 grid
+        assert net(torch.randn(1, 3, 24, 24)).shape == (1, dim)
 
 
 def test_sincos_embedding_equals_the_formula():
@@ -102,7 +102,7 @@ def test_sincos_option_is_fixed_and_zero_for_the_class_token():
     net, dim = _vit(position_embedding="sincos")
     assert not net.pos_embed.requires_grad
     assert torch.equal(net.pos_embed[0, 0], torch.zeros(dim))
-    assert torch.equal(net.pos_embed[0, 1:], sincos_position_embedding(8, dim))
+    assert torch.equal(net.pos_embed[0, 1:], sincos_position_embedding(4, dim))
     with pytest.raises(ConfigError, match="divisible by 4"):
         sincos_position_embedding(4, 10)
 
@@ -116,7 +116,7 @@ def test_frozen_patch_projection_gets_no_gradient_and_does_not_move():
     before = proj.weight.detach().clone(), proj.bias.detach().clone()
     opt = build_optimizer(net, OptimConfig(name="adamw", weight_decay=0.1), lr=1e-2)
     net.train()
-    net(torch.randn(4, 3, 32, 32)).pow(2).sum().backward()
+    net(torch.randn(2, 3, 16, 16)).pow(2).sum().backward()
     assert proj.weight.grad is None and proj.bias.grad is None
     assert net.blocks[0].attn.qkv.weight.grad is not None  # the rest learns
     opt.step()
@@ -130,7 +130,7 @@ def test_frozen_patch_projection_gets_no_gradient_and_does_not_move():
 def test_channels_last_input_and_weights_give_the_same_features():
     net, _ = _vit()
     net.eval()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         ref = net(x)
         net = net.to(memory_format=torch.channels_last)
@@ -139,7 +139,7 @@ def test_channels_last_input_and_weights_give_the_same_features():
 
 
 @pytest.mark.parametrize("fields,match", [
-    ({"patch_size": 5}, "patch_size=5 does not divide the 32 px views"),
+    ({"patch_size": 5}, "patch_size=5 does not divide the 16 px views"),
     ({"position_embedding": "rope"}, "position_embedding='rope'"),
     ({"init": "zeros"}, "init='zeros'"),
     ({"num_heads": 5}, "num_heads=5 does not divide"),
@@ -159,6 +159,7 @@ def test_without_timm_a_vit_names_the_extra_and_convnets_still_build(monkeypatch
     assert dim == 256
 
 
+@pytest.mark.slow
 def test_vit_encoder_round_trips_through_encoder_pt_and_checkpoint_pt(tmp_path):
     """api.load_encoder rebuilds the method on the meta device and assigns the saved tensors: a ViT with a
     fixed sin-cos embedding and a frozen projection (parameters without gradient) must come back whole."""
@@ -168,13 +169,13 @@ def test_vit_encoder_round_trips_through_encoder_pt_and_checkpoint_pt(tmp_path):
 
     cfg = resolve_config(tree={"data": {"name": "digits"}}, overrides=[
         "method.name=moco-v3", "backbone.name=vit_tiny", "backbone.patch_size=4",
-        "backbone.position_embedding=sincos", "backbone.freeze_patch_embed=true", "data.image_size=16",
-        "method.hidden_dim=32", "method.projection_dim=16", "train.batch_size=64", "train.epochs=1",
+        "backbone.position_embedding=sincos", "backbone.freeze_patch_embed=true", "data.image_size=8",
+        "method.hidden_dim=32", "method.projection_dim=16", "train.batch_size=32", "train.epochs=1",
         "train.max_steps=1", "train.progress=false", "eval.enabled=false", f"train.output={tmp_path}"])
     api.pretrain(cfg)
     state = load_checkpoint(tmp_path / "checkpoint.pt")["method"]
     trained = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    x = torch.randn(2, 1, 16, 16)
+    x = torch.randn(2, 1, 8, 8)
     features = []
     for which in ("encoder.pt", "checkpoint.pt"):
         encoder, info = api.load_encoder(tmp_path / which)
