@@ -12,7 +12,7 @@ Algorithm 1::
         f_k.params = m * f_k.params + (1 - m) * f_q.params
 
     def ctr(q, k):                                # InfoNCE against the batch's keys, no queue
-        logits = mm(q, k.t())                     # [N, N]: the positives on the diagonal
+        logits = mm(q, k.t())                     # [N, N] of L2-normalised q, k: positives on the diagonal
         return 2 * tau * CrossEntropyLoss(logits / tau, arange(N))
 
 The heads follow facebookresearch/moco-v3 ``moco/builder.py``: every Linear without bias, BatchNorm and
@@ -111,7 +111,9 @@ class MoCoV3(Method):
 
     @torch.no_grad()
     def after_step(self, updates: dict[str, torch.Tensor], step: StepInfo) -> None:
-        # f_k <- m f_k + (1 - m) f_q over backbone and projector, the predictor excluded
+        # f_k <- m f_k + (1 - m) f_q over backbone and projector, the predictor excluded. Batch-norm running
+        # statistics follow by the same rule (nn/ema.py); the official code leaves them to the key encoder's
+        # own forward passes. Neither matters to training: the key encoder always normalises by the batch.
         ema_update(nn.ModuleList([self.momentum_backbone, self.momentum_projector]),
                    nn.ModuleList([self.backbone, self.projector]), self.momentum(step))
 
