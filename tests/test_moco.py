@@ -208,7 +208,9 @@ def test_two_processes_equal_one_with_shuffled_batch_norm(tmp_path):
 
 
 def test_recipes_are_the_papers():
-    v1 = method_config(resolve_config(overrides=["method.name=moco-v1", "data.name=imagenet-like"]))
+    from contrastive.config import recipe_dir
+
+    v1 = method_config(resolve_config(recipe=recipe_dir() / "moco-v1.yaml"))
     assert (v1.queue_size, v1.momentum, v1.temperature, v1.head) == (65536, 0.999, 0.07, "linear")
     v2 = resolve_config(tree={"method": {"name": "moco-v2"}, "data": {"name": "cifar10"}})
     assert (v2.method["queue_size"], v2.method["momentum"], v2.method["temperature"]) == (4096, 0.99, 0.2)

@@ -113,6 +113,7 @@ class Method(nn.Module):
     """
 
     feature_dim: int
+    batch_multiple: int = 1  # a process's batch must be a multiple of this (MoCo: its batch-norm groups)
 
     def forward(self, batch: Batch, *, step: StepInfo) -> StepOutput:  # pragma: no cover - abstract
         raise NotImplementedError

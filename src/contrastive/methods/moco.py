@@ -81,7 +81,8 @@ class MoCo(Method):
             head = nn.Linear(feature_dim, cfg.dim)
         else:
             head = mlp([feature_dim, cfg.hidden_dim or feature_dim, cfg.dim], batch_norm=False)
-        self.encoder_q = split_batchnorm(nn.Sequential(backbone, head), cfg.bn_splits // world_size)
+        self.batch_multiple = cfg.bn_splits // world_size  # batch-norm groups of this process
+        self.encoder_q = split_batchnorm(nn.Sequential(backbone, head), self.batch_multiple)
         # in training mode with f_q: keys use the batch statistics of shuffled groups, as the official code's
         self.encoder_k = momentum_copy(self.encoder_q)
         self.queue = Queue(cfg.queue_size, cfg.dim)

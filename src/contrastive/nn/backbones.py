@@ -138,3 +138,7 @@ def small_cnn(cfg: ConvNetConfig, *, in_channels: int, image_size: int) -> tuple
 for _name, _build in (("resnet18", resnet18), ("resnet34", resnet34), ("resnet50", resnet50),
                       ("small_cnn", small_cnn)):
     register("backbones", _name)(BackboneSpec(ConvNetConfig, _build))
+
+# The ViTs register here too; their module imports timm only when one is built, so the core install
+# (without the `vit` extra) keeps every ConvNet and gets a ConfigError naming the extra for a ViT.
+from contrastive.nn import vit as _vit  # noqa: E402,F401

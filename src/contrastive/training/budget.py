@@ -88,9 +88,11 @@ def _batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def measure_step(method: Method, *, channels: int, size: int, n_views: int, device: torch.device,
                  amp_dtype: torch.dtype | None, step: StepInfo, dataset_size: int | None = None) -> StepMemory:
     """The memory of a training step of ``method`` on views ``[n, channels, size, size]``, from trial forward
-    passes at TRIAL_BATCHES images (their dataset indices below ``dataset_size``: rows of a memory bank).
+    passes at TRIAL_BATCHES times ``method.batch_multiple`` images (their dataset indices below
+    ``dataset_size``: rows of a memory bank).
     Changes no state: batch-norm running statistics are kept (momentum 0 for the trials) and the random
     generators are restored."""
+    trials = tuple(n * method.batch_multiple for n in TRIAL_BATCHES)  # MoCo: whole batch-norm groups
     norms = _batch_norms(method)
     kept = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
             for m in norms]
@@ -101,7 +103,7 @@ def measure_step(method: Method, *, channels: int, size: int, n_views: int, devi
         with torch.random.fork_rng(devices=devices):
             for m in norms:
                 m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch statistic: unchanged
-            for n in TRIAL_BATCHES:
+            for n in trials:
                 gen = torch.Generator(device=device).manual_seed(n)
                 views = [torch.randn(n, channels, size, size, generator=gen, device=device) for _ in range(n_views)]
                 index = torch.arange(n, device=device) % (dataset_size or n)
@@ -113,7 +115,7 @@ def measure_step(method: Method, *, channels: int, size: int, n_views: int, devi
             m.momentum = momentum
             if tracked is not None:
                 m.num_batches_tracked.copy_(tracked)
-    (n1, n2, n3), (s1, s2, s3) = TRIAL_BATCHES, saved
+    (n1, n2, n3), (s1, s2, s3) = trials, saved
     # the quadratic through the three points, by divided differences
     d12, d23 = (s2 - s1) / (n2 - n1), (s3 - s2) / (n3 - n2)
     c = max((d23 - d12) / (n3 - n1), 0.0)
