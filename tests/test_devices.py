@@ -183,6 +183,30 @@ def test_every_method_stays_on_the_input_device():
         _on_cpu(out.loss, list(out.metrics.values()), list(out.updates.values()), list(method.state_dict().values()))
 
 
+# a ViT's options (sin-cos position embedding, interpolation to another input size) with the sizes' smallest
+_BACKBONE_SECTIONS = {"vit_tiny": {"position_embedding": "sincos", "patch_size": 8},
+                      "vit_small": {"patch_size": 8}, "vit_base": {"patch_size": 8}}
+
+
+@pytest.mark.slow
+def test_every_backbone_stays_on_the_input_device():
+    """forward and backward of every registered backbone, at its build size and (ViTs interpolate their
+    position embedding) at another one."""
+    from contrastive.nn.backbones import build_backbone
+
+    backbones = [n for n in names("backbones") if lookup("backbones", n).build.__module__.startswith("contrastive.")]
+    assert {"small_cnn", "resnet18"} <= set(backbones)
+    for name in backbones:
+        torch.manual_seed(0)
+        model, dim = build_backbone({"name": name, **_BACKBONE_SECTIONS.get(name, {})}, in_channels=3, image_size=32)
+        for side in (32, 48):
+            x = torch.randn(2, 3, side, side, requires_grad=True)
+            out = guarded(model, x)
+            guarded(out.sum().backward)
+            assert out.shape == (2, dim) and x.grad is not None, name
+            _on_cpu(out, x.grad)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # host synchronisations, counted at the dispatcher
 
