@@ -40,7 +40,7 @@ def _log_not(logits: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
     """
     rows = torch.arange(logits.shape[0], device=logits.device)
     top = logits.argmax(dim=1)  # [r]
-    minus_inf = torch.tensor(float("-inf"), device=logits.device, dtype=logits.dtype)
+    minus_inf = logits.new_full((), float("-inf"))  # made on the device: no host-to-device copy
     without_top = torch.logsumexp(logits.index_put((rows, top), minus_inf), dim=1)  # [r]
     log_top = without_top - torch.logsumexp(logits, dim=1)  # [r] log(1 - P) of the largest entry
     # clamped so that the replaced top entry's exp(0) never makes an infinite (then NaN) gradient
@@ -71,7 +71,7 @@ def invariance_spread(f1: torch.Tensor, f2: torch.Tensor, temperature: float) ->
         self_idx = torch.cat([local, local + big_n])  # [2n] where each anchor sits among the candidates
         pos_idx = torch.cat([local + big_n, local])  # [2n] the other view of the same image
         rows = torch.arange(2 * n, device=f1.device)
-        minus_inf = torch.tensor(float("-inf"), device=logits.device, dtype=logits.dtype)
+        minus_inf = logits.new_full((), float("-inf"))  # made on the device: no host-to-device copy
         logits = logits.index_put((rows, self_idx), minus_inf)  # an anchor is never its own candidate
         log_p = torch.log_softmax(logits, dim=1)  # [2n, 2N]; -inf at the anchor itself
 

@@ -44,6 +44,6 @@ def _nt_xent_fp32(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tor
     self_idx = torch.cat([local, local + big_n])  # [2n] where each anchor sits among the candidates
     pos_idx = torch.cat([local + big_n, local])  # [2n] the other view of the same image
     rows = torch.arange(2 * n, device=z1.device)
-    minus_inf = torch.tensor(float("-inf"), device=logits.device, dtype=logits.dtype)
+    minus_inf = logits.new_full((), float("-inf"))  # made on the device: no host-to-device copy
     logits = logits.index_put((rows, self_idx), minus_inf)  # an anchor is never its own candidate
     return F.cross_entropy(logits, pos_idx)
