@@ -171,7 +171,8 @@ def _embedding_map(res: dict, png: str) -> Path:
         raise DataError("--map colours the points by class, and this data has no labels")
     feats, labels = (np.load(p) for p in res["features"][:2])
     return embedding_map(feats, labels, png, classes=res.get("classes"),
-                         title=f"t-SNE of {res['split']} embeddings ({res['note']})")
+                         title=f"t-SNE of the {res['split']} embeddings of {res['images']} images, coloured by class "
+                               f"({res['note']})")
 
 
 def _split_backbone(overrides: list[str], name: str | None) -> tuple[dict | None, list[str]]:

@@ -114,7 +114,10 @@ def embedding_map(features: np.ndarray, labels: np.ndarray, png: str | Path, *, 
         name = classes[c] if classes is not None and c < len(classes) else str(c)
         ax.scatter(xy[sel, 0], xy[sel, 1], s=4, color=cmap(i), label=name, alpha=0.8, linewidths=0)
     ax.legend(markerscale=3, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    ax.set(xticks=[], yticks=[], title=title or f"t-SNE of {len(labels)} embeddings, coloured by class")
+    import textwrap
+
+    ax.set(xticks=[], yticks=[])
+    ax.set_title(textwrap.fill(title or f"t-SNE of {len(labels)} embeddings, coloured by class", 70), fontsize=10)
     return _save(fig, png)
 
 
