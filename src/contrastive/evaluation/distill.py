@@ -78,6 +78,9 @@ def distill(teacher: str | Path, student: dict, data: DataConfig, output: str | 
     (``top1`` the student's, ``teacher_top1``, ``margin`` = teacher - student).
     """
     dev = resolve_device(device)
+    tree, recipe_path = stage_recipe(data.name, recipe)
+    cfg = stage_config(DistillConfig, tree, "distill", list(overrides))
+    check(cfg)
     teacher_model, tinfo = load_classifier(teacher)
     pre = tinfo["preprocess"]
     if data.image_size is None:
@@ -89,9 +92,6 @@ def distill(teacher: str | Path, student: dict, data: DataConfig, output: str | 
                         f"({splits.note}); pass --test-data")
     if test.classes != tinfo["classes"]:
         raise DataError(f"the teacher classifies {tinfo['classes']}, but the test data's classes are {test.classes}")
-    tree, recipe_path = stage_recipe(data.name, recipe)
-    cfg = stage_config(DistillConfig, tree, "distill", list(overrides))
-    check(cfg)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stage.yaml").write_text(yaml.safe_dump({"distill": to_dict(cfg)}, sort_keys=False))

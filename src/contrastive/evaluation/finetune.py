@@ -26,7 +26,7 @@ from contrastive.data.preprocess import Preprocess
 from contrastive.errors import ConfigError, DataError
 from contrastive.evaluation import supervised
 from contrastive.evaluation.classifier import (Classifier, backbone_source, count_parameters, encoder_from,
-                                               load_method, pretrained_source, save_classifier, stage_config,
+                                               load_method, plain_batchnorm, pretrained_source, save_classifier, stage_config,
                                                stage_recipe)
 from contrastive.evaluation.features import extract_features
 from contrastive.evaluation.linear import linear_probe
@@ -102,13 +102,21 @@ def finetune(data: DataConfig, labels: str, output: str | Path, *, checkpoint: s
         raise ConfigError("finetune needs a pretrained --checkpoint, or --scratch with --backbone, not both")
     out = Path(output)
     dev = resolve_device(device)
-    method = None
+    tree, recipe_path = stage_recipe(data.name, recipe)
+    section = "finetune" if checkpoint is not None else "scratch"
+    cfg = stage_config(FinetuneConfig, tree, section, list(overrides), base="finetune" if section == "scratch" else None)
+    check(cfg, section)
     if checkpoint is not None:
         method, encoder, info = load_method(checkpoint)
         preprocess: Preprocess = info["preprocess"]
         if method is None and from_layer:
             raise ConfigError(f"--from-layer {from_layer}: {checkpoint} is an encoder.pt, which holds the encoder "
                               f"alone; fine-tuning from a projection-head layer needs the run's checkpoint.pt")
+        if method is not None:
+            enc, dim = encoder_from(method, from_layer)  # a layer the head cannot give fails before any work
+        else:
+            enc, dim = plain_batchnorm(encoder), info["feature_dim"]
+        source = pretrained_source(info["config"], info["context"], from_layer)
         if data.image_size is None:  # as the encoder saw its training images
             data = DataConfig(**{**to_dict(data), "image_size": preprocess.size})
     splits = load_splits(data)
@@ -122,21 +130,9 @@ def finetune(data: DataConfig, labels: str, output: str | Path, *, checkpoint: s
         raise DataError(f"{data.name} has {train.channels}-channel images; the encoder was trained on "
                         f"{preprocess.channels}")
     subset = label_subsets.resolve(labels, train.labels, labels_seed, dataset=train.name)
-    tree, recipe_path = stage_recipe(data.name, recipe)
-    section = "finetune" if checkpoint is not None else "scratch"
-    cfg = stage_config(FinetuneConfig, tree, section, list(overrides), base="finetune" if section == "scratch" else None)
-    check(cfg, section)
     epochs = cfg.epochs_for(subset.fraction)
 
-    if method is not None:
-        enc, dim = encoder_from(method, from_layer)
-        source = pretrained_source(info["config"], info["context"], from_layer)
-    elif checkpoint is not None:
-        from contrastive.evaluation.classifier import plain_batchnorm
-
-        enc, dim = plain_batchnorm(encoder), info["feature_dim"]
-        source = pretrained_source(info["config"], info["context"], 0)
-    else:
+    if checkpoint is None:
         from contrastive.nn.backbones import build_backbone
 
         torch.manual_seed(seed)
