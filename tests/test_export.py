@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from contrastive import api
-from contrastive.config import Config, method_config
+from contrastive.config import Config
 from contrastive.data.labels import choose
 from contrastive.data.preprocess import Preprocess
 from contrastive.evaluation.classifier import Classifier, backbone_source, save_classifier

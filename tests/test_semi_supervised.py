@@ -1,7 +1,6 @@
 """Label subsets, fine-tuning from a projection-head layer, the distillation loss, classifier files, the
 training loop's determinism, the report, and the narrower small_cnn."""
 
-import json
 import math
 
 import pytest
@@ -25,8 +24,9 @@ from contrastive.registry import lookup
 
 
 def _labels(counts):
-    return torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])[torch.randperm(sum(counts),
-                                                                              generator=torch.Generator().manual_seed(1))]
+    """Labels with ``counts[c]`` members of class c, in a shuffled order."""
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    return labels[torch.randperm(sum(counts), generator=torch.Generator().manual_seed(1))]
 
 
 # ------------------------------------------------------------------------------------------ label subsets

@@ -158,7 +158,8 @@ def _markdown(groups: list[dict], pretrain: list[dict]) -> str:
                   "| method | backbone | epochs | steps | kNN top-1 | linear top-1 | train s | run |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in map(_pretrain_row, pretrain):
-            lines.append(f"| {r['method']} | {architecture(r['backbone'])} | {_fmt(r['epochs'])} | {_fmt(r['steps'])} | "
+            lines.append(f"| {r['method']} | {architecture(r['backbone'])} | {_fmt(r['epochs'])} | "
+                         f"{_fmt(r['steps'])} | "
                          f"{_fmt(r['knn_top1'])} | {_fmt(r['linear_top1'])} | {r['train_seconds'] or 0:.0f} | "
                          f"`{r['run']}` |")
         lines.append("")

@@ -141,7 +141,8 @@ def read_labels(path: str | Path, labels: Tensor, *, dataset: str) -> LabelSubse
         raise DataError(f"labels file {path} was made for {subset.dataset} ({subset.dataset_size} images), not for "
                         f"{dataset} ({len(labels)} images, or the same count with other labels or order); choose "
                         f"a new subset with --labels 10% (or 1%, N-per-class) for this data")
-    if subset.indices != sorted(set(subset.indices)) or (subset.indices and not 0 <= subset.indices[0] <= subset.indices[-1] < len(labels)):
+    idx = subset.indices
+    if not idx or idx != sorted(set(idx)) or not 0 <= idx[0] <= idx[-1] < len(labels):
         raise DataError(f"labels file {path}: its indices must be distinct, sorted and within 0..{len(labels) - 1}")
     return subset
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from contrastive.api import write_results
 from contrastive.config import DataConfig, OptimConfig, to_dict
 from contrastive.data import load_splits
 from contrastive.data.labels import LabelSubset, labels_sha256
@@ -30,6 +31,8 @@ from contrastive.evaluation.classifier import (Classifier, backbone_source, coun
                                                save_classifier, stage_config, stage_recipe)
 from contrastive.losses import distillation_loss
 from contrastive.methods.base import STREAM_LOADER, step_seed
+from contrastive.nn.backbones import build_backbone
+from contrastive.plots import training_curves
 from contrastive.training.trainer import resolve_device
 
 log = logging.getLogger("contrastive.distill")
@@ -96,8 +99,6 @@ def distill(teacher: str | Path, student: dict, data: DataConfig, output: str | 
     out.mkdir(parents=True, exist_ok=True)
     (out / "stage.yaml").write_text(yaml.safe_dump({"distill": to_dict(cfg)}, sort_keys=False))
 
-    from contrastive.nn.backbones import build_backbone
-
     torch.manual_seed(seed)
     enc, dim = build_backbone(student, in_channels=pre.channels, image_size=pre.size)
     model = Classifier(enc, dim, len(tinfo["classes"])).to(dev)
@@ -155,9 +156,6 @@ def distill(teacher: str | Path, student: dict, data: DataConfig, output: str | 
     results["classifier"] = str(save_classifier(model.cpu(), out / "classifier.pt",
                                                 source=backbone_source(student, pre.channels, pre.size),
                                                 preprocess=pre, classes=test.classes, labels=tinfo["labels"]))
-    from contrastive.api import write_results
-    from contrastive.plots import training_curves
-
     results["curves"] = str(training_curves(out / "metrics.csv", out / "curves.png",
                                             title=f"distillation into {student['name']}"))
     write_results(results, out)

@@ -19,17 +19,21 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from contrastive.api import write_results
 from contrastive.config import DataConfig, OptimConfig, to_dict
 from contrastive.data import labels as label_subsets
 from contrastive.data import load_splits
+from contrastive.data.datasets import TensorImages
 from contrastive.data.preprocess import Preprocess
 from contrastive.errors import ConfigError, DataError
 from contrastive.evaluation import supervised
 from contrastive.evaluation.classifier import (Classifier, backbone_source, count_parameters, encoder_from,
-                                               load_method, plain_batchnorm, pretrained_source, save_classifier, stage_config,
-                                               stage_recipe)
+                                               load_method, plain_batchnorm, pretrained_source, save_classifier,
+                                               stage_config, stage_recipe)
 from contrastive.evaluation.features import extract_features
 from contrastive.evaluation.linear import linear_probe
+from contrastive.nn.backbones import build_backbone
+from contrastive.plots import training_curves
 from contrastive.training.trainer import resolve_device
 
 log = logging.getLogger("contrastive.finetune")
@@ -104,7 +108,8 @@ def finetune(data: DataConfig, labels: str, output: str | Path, *, checkpoint: s
     dev = resolve_device(device)
     tree, recipe_path = stage_recipe(data.name, recipe)
     section = "finetune" if checkpoint is not None else "scratch"
-    cfg = stage_config(FinetuneConfig, tree, section, list(overrides), base="finetune" if section == "scratch" else None)
+    cfg = stage_config(FinetuneConfig, tree, section, list(overrides),
+                       base="finetune" if section == "scratch" else None)
     check(cfg, section)
     if checkpoint is not None:
         method, encoder, info = load_method(checkpoint)
@@ -133,8 +138,6 @@ def finetune(data: DataConfig, labels: str, output: str | Path, *, checkpoint: s
     epochs = cfg.epochs_for(subset.fraction)
 
     if checkpoint is None:
-        from contrastive.nn.backbones import build_backbone
-
         torch.manual_seed(seed)
         enc, dim = build_backbone(scratch, in_channels=preprocess.channels, image_size=preprocess.size)
         source = backbone_source(scratch, preprocess.channels, preprocess.size)
@@ -184,8 +187,6 @@ def finetune(data: DataConfig, labels: str, output: str | Path, *, checkpoint: s
                                                 preprocess=preprocess, classes=train.classes,
                                                 labels=asdict(subset)))
     results["curves"] = _curves(out, f"{results['stage']} on {subset.spec} of the labels")
-    from contrastive.api import write_results
-
     write_results(results, out)
     return results
 
@@ -193,8 +194,6 @@ def finetune(data: DataConfig, labels: str, output: str | Path, *, checkpoint: s
 def _linear_probe(encoder, images, targets, test_images, test_labels, preprocess, cfg: FinetuneConfig,
                   num_classes: int, seed: int, dev) -> dict:
     """The frozen encoder's linear probe on the same labelled images (offline protocol, before fine-tuning)."""
-    from contrastive.data.datasets import TensorImages
-
     sets = [TensorImages(x, y, name="probe", classes=None, mean=preprocess.mean, std=preprocess.std)
             for x, y in ((images, targets), (test_images, test_labels))]
     (xtr, ytr), (xte, yte) = (extract_features(encoder, s, preprocess=preprocess, batch_size=cfg.eval_batch_size,
@@ -207,6 +206,4 @@ def _linear_probe(encoder, images, targets, test_images, test_labels, preprocess
 
 
 def _curves(out: Path, title: str) -> str:
-    from contrastive.plots import training_curves
-
     return str(training_curves(out / "metrics.csv", out / "curves.png", title=title))

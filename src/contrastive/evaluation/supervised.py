@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from contrastive.config import OptimConfig, ViewConfig
 from contrastive.data.preprocess import Preprocess
 from contrastive.data.views import TensorViews
+from contrastive.errors import DataError, NonFiniteLossError
 from contrastive.methods.base import STREAM_METHOD, STREAM_VIEWS, step_seed
 from contrastive.training.optim import build_optimizer
 from contrastive.training.schedules import lr_at, scaled_lr
@@ -91,8 +92,6 @@ def train_loop(model: nn.Module, images: Tensor, loss_fn: LossFn, *, epochs: int
                 torch.manual_seed(step_seed(seed, step, 0, STREAM_METHOD))  # dropout, if the model has any
                 loss = loss_fn(x, idx.to(device), step)
                 if not torch.isfinite(loss):
-                    from contrastive.errors import NonFiniteLossError
-
                     raise NonFiniteLossError(f"the loss became {loss.item()} at epoch {epoch}, step {step} (lr "
                                              f"{lr:.4g}); lower optim.lr or set optim.grad_clip")
                 optimizer.zero_grad(set_to_none=True)
@@ -144,8 +143,6 @@ def pixels(ds) -> Tensor:
         return images
     items = [ds[i] for i in range(len(ds))]
     if any(item is None for item in items):
-        from contrastive.errors import DataError
-
         raise DataError(f"{ds.name} has unreadable images (data.skip_corrupt); fine-tuning and distillation need "
                         f"every image, so remove them or use data.in_memory=true, which drops them at load time")
     return torch.stack([item[0] for item in items])
