@@ -16,9 +16,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from contrastive.config import Config, build_dataclass, read_yaml, recipe_dir, to_dict
+from contrastive.data import named  # noqa: F401  (fills the dataset registry)
 from contrastive.data.preprocess import Preprocess
 from contrastive.errors import CheckpointError, ConfigError
 from contrastive.methods.base import BuildContext, Method
+from contrastive.registry import names
 from contrastive.training.checkpoint import atomic_save, is_checkpoint, read_file
 
 CLASSIFIER_FORMAT = "contrastive-classifier/1"
@@ -215,12 +217,13 @@ def load_classifier(path: str | Path) -> tuple[Classifier, dict]:
 
 def stage_recipe(dataset: str, recipe: str | Path | None) -> tuple[dict, Path]:
     """The recipe of the stages after pretraining: ``recipe``, else ``configs/semi-supervised/<dataset>.yaml``
-    when there is one, else ``configs/semi-supervised/default.yaml`` (SimCLR v2's ImageNet settings)."""
+    for a named dataset that has one, else ``configs/semi-supervised/default.yaml`` (SimCLR v2's ImageNet
+    settings; an image folder gets these, whatever its name)."""
     if recipe is not None:
         return read_yaml(recipe), Path(recipe)
     folder = recipe_dir() / "semi-supervised"
-    path = folder / f"{Path(dataset).name if Path(dataset).exists() else dataset}.yaml"
-    if not path.is_file():
+    path = folder / f"{dataset}.yaml"
+    if dataset not in names("datasets") or not path.is_file():
         path = folder / "default.yaml"
     return read_yaml(path), path
 
