@@ -19,6 +19,7 @@ import shlex
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,9 @@ def main() -> None:
         opts.intra_op_num_threads = args.threads
         opts.inter_op_num_threads = 1
         session = onnxruntime.InferenceSession(str(onnx_file), opts, providers=["CPUExecutionProvider"])
-        scripted = torch.jit.load(str(ts_file))
+        with warnings.catch_warnings():  # torch marks TorchScript deprecated at every load
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.load(str(ts_file))
         xn = x.numpy()
         model = model.eval()
         with torch.inference_mode():

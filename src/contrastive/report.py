@@ -115,8 +115,7 @@ def report(run_dirs: list[str | Path], output: str | Path | None = None) -> dict
 
 def _title(group: dict) -> str:
     lab = group["labels"]
-    name = Path(group["dataset"]).name or group["dataset"]
-    return f"{name}: {lab.get('spec', '?')} of the labels ({lab.get('images', '?')} images)"
+    return f"{group['dataset']}: {lab.get('spec', '?')} of the labels ({lab.get('images', '?')} images)"
 
 
 def _pretrain_row(res: dict) -> dict:
