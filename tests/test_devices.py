@@ -119,6 +119,7 @@ def _loss_examples():
                              torch.tensor(40.0), 100),
         "nce_normaliser": lambda: (unit(6, 8), unit(6, 8), unit(6 * 5, 8).view(6, 5, 8), 0.07, 100),  # no gradient
         "nonparametric_softmax": lambda: (unit(6, 8).requires_grad_(), unit(20, 8), torch.arange(6) * 3, 0.07),
+        "distillation_loss": lambda: (z(6, 10), z(6, 10).detach(), 2.0),
     }
 
 

@@ -136,8 +136,22 @@ def _pretrain(cfg: Config) -> dict[str, Any]:
         results.update(evaluate_encoder(method.encoder(), preprocess, splits.eval_train, splits.eval_test, cfg,
                                         note=splits.note))
     if distributed.is_main():
+        results["curves"] = draw_curves(out, results)
         write_results(results, out)
     return results
+
+
+def draw_curves(out: Path, results: dict[str, Any]) -> str | None:
+    """curves.png beside metrics.csv: loss, learning rate and the kNN top-1 where it was measured; None
+    (and a log line) when the run logged no metrics row (train.log_every longer than the run)."""
+    from contrastive.plots import training_curves
+
+    if not (out / "metrics.csv").is_file():
+        log.info("no metrics.csv rows were logged, so there are no training curves to draw")
+        return None
+    knn = [(results["steps"], results["knn_top1"])] if "knn_top1" in results else []
+    title = f"{results.get('method', '')} on {results.get('dataset', '')}"
+    return str(training_curves(out / "metrics.csv", out / "curves.png", title=title, knn=knn))
 
 
 def evaluate_encoder(encoder: nn.Module, preprocess: Preprocess, train_set, test_set, cfg: Config,
@@ -289,7 +303,7 @@ def embed(checkpoint: str | Path, data: DataConfig, output: str | Path, *, split
     feats, labels = torch.cat(xs), torch.cat(ys)
     paths = save_embeddings(feats, labels, output)
     return {"features": [str(p) for p in paths], "images": int(feats.shape[0]), "dim": int(feats.shape[1]),
-            "split": split, "note": splits.note}
+            "split": split, "note": splits.note, "classes": sets[0].classes}
 
 
 def _at_encoder_size(data: DataConfig, pre: Preprocess) -> DataConfig:

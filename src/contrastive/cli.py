@@ -1,4 +1,4 @@
-"""The ``contrastive`` command: pretrain, eval (knn | linear), embed.
+"""The ``contrastive`` command: pretrain, eval (knn | linear), embed, finetune, distill, export, report.
 
 Flags cover the common settings; any config field can be set with trailing ``key=value`` overrides
 (``optim.lr=0.3 views.jitter_strength=0.5``). ``contrastive pretrain --print-config`` shows every field with
@@ -76,7 +76,52 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--output", required=True, help="features file, ending in .npy (labels go beside it)")
     m.add_argument("--split", default="all", choices=["all", "pretrain", "test"])
     m.add_argument("--device", default="auto")
+    m.add_argument("--map", metavar="PNG", help="also draw a 2-D t-SNE map of the features, coloured by class")
+    stage_parsers(sub)
     return top
+
+
+def stage_parsers(sub) -> None:
+    """finetune, distill, export, report: the road from a pretrained encoder to a shipped model."""
+    f = sub.add_parser("finetune", help="fine-tune a pretrained encoder on a labelled subset (or, with --scratch, "
+                       "train the same classifier from random weights)")
+    f.add_argument("--checkpoint", help="checkpoint.pt (or encoder.pt for --from-layer 0) of a pretraining run")
+    f.add_argument("--scratch", action="store_true", help="the supervised baseline: a randomly initialised backbone")
+    f.add_argument("--backbone", help="with --scratch: the backbone (resnet18, small_cnn, ...); its fields as "
+                   "backbone.<field>=value")
+    f.add_argument("--labels", required=True, help="10%%, 1%%, N-per-class, or a labels.json an earlier run wrote")
+    f.add_argument("--labels-seed", type=int, default=0, help="seed of the labelled subset (default 0)")
+    f.add_argument("--from-layer", type=int, default=0, help="0: fine-tune the encoder; k: the encoder and the first "
+                   "k layers of the projection head (SimCLR v2: 1)")
+    _data_flags(f, pretrain=False)
+    _stage_flags(f, "finetune")
+
+    d = sub.add_parser("distill", help="train a student on unlabeled images to match a fine-tuned teacher")
+    d.add_argument("--teacher", required=True, help="classifier.pt (or the folder) of a finetune run")
+    d.add_argument("--student", required=True, help="student backbone; its fields as backbone.<field>=value "
+                   "(backbone.widths=[16,32,64,128] for a narrower small_cnn)")
+    _data_flags(d, pretrain=False)
+    _stage_flags(d, "distill")
+
+    x = sub.add_parser("export", help="export an encoder (or a fine-tuned / distilled classifier) to TorchScript "
+                       "or ONNX, with its preprocessing as JSON beside it")
+    x.add_argument("--checkpoint", required=True, help="checkpoint.pt, encoder.pt or classifier.pt")
+    x.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    x.add_argument("--output", required=True, help="file to write (e.g. model.onnx)")
+
+    r = sub.add_parser("report", help="a Markdown table and a PNG comparing finetune / scratch / distill runs")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("--output", help="folder for report.md and report.png (default: the folder the runs share)")
+
+
+def _stage_flags(p: argparse.ArgumentParser, stage: str) -> None:
+    p.add_argument("--recipe", help="stage recipe (YAML with finetune/scratch/distill sections); default "
+                   "configs/semi-supervised/<dataset>.yaml, else default.yaml (SimCLR v2)")
+    p.add_argument("--output", required=True, help="run folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help=f"overrides of the {stage} recipe section (epochs=5, optim.lr=0.1) or backbone.<field>=value")
 
 
 def _pretrain(a: argparse.Namespace) -> int:
@@ -136,6 +181,104 @@ def _embed(a: argparse.Namespace) -> int:
     res = api.embed(a.checkpoint, data, a.output, split=a.split, device=a.device)
     print(f"wrote {res['images']} x {res['dim']} features of {data.name} ({res['split']}): "
           f"{', '.join(res['features'])}")
+    if a.map:
+        print(f"map: {_embedding_map(res, a.map)}")
+    return 0
+
+
+def _embedding_map(res: dict, png: str) -> Path:
+    import numpy as np
+
+    from contrastive.errors import DataError
+    from contrastive.plots import embedding_map
+
+    if len(res["features"]) < 2:
+        raise DataError("--map colours the points by class, and this data has no labels")
+    feats, labels = (np.load(p) for p in res["features"][:2])
+    return embedding_map(feats, labels, png, classes=res.get("classes"),
+                         title=f"t-SNE of the {res['split']} embeddings of {res['images']} images, coloured by class "
+                               f"({res['note']})")
+
+
+def _split_backbone(overrides: list[str], name: str | None) -> tuple[dict | None, list[str]]:
+    """backbone.<field>=value overrides -> a backbone section (with ``name``); the rest stay stage overrides."""
+    from contrastive.config import parse_override
+    from contrastive.errors import ConfigError
+
+    section: dict = {} if name is None else {"name": name}
+    rest = []
+    for o in overrides:
+        keys, value = parse_override(o)
+        if keys[0] == "backbone":
+            if name is None:
+                raise ConfigError(f"{o}: backbone fields apply to --scratch --backbone or a --student only")
+            section[".".join(keys[1:])] = value
+        else:
+            rest.append(o)
+    return (section if name is not None else None), rest
+
+
+def _needs_data(a: argparse.Namespace, command: str) -> argparse.Namespace:
+    if a.data is None:
+        from contrastive.errors import ConfigError
+
+        raise ConfigError(f"{command} needs --data: the dataset (name or folder) whose training images it learns "
+                          f"from and whose test split it evaluates on")
+    return a
+
+
+def _finetune(a: argparse.Namespace) -> int:
+    from contrastive.errors import ConfigError
+    from contrastive.evaluation.finetune import finetune
+
+    if a.scratch and not a.backbone:
+        raise ConfigError("--scratch needs --backbone NAME (the architecture to train from random weights)")
+    if a.backbone and not a.scratch:
+        raise ConfigError("--backbone applies to --scratch; a --checkpoint brings its own backbone")
+    section, overrides = _split_backbone(a.overrides, a.backbone)
+    data = build_dataclass(DataConfig, _data_tree(_needs_data(a, "finetune")), "data")
+    res = finetune(data, a.labels, a.output, checkpoint=a.checkpoint, scratch=section, from_layer=a.from_layer,
+                   recipe=a.recipe, overrides=overrides, seed=a.seed, labels_seed=a.labels_seed, device=a.device)
+    lab = res["labels"]
+    lines = [f"{res['stage']} on {lab['images']} labelled images ({lab['spec']}, {res['labels_file']}), "
+             f"{res['budget']['epochs']} epochs, {res['budget']['train_seconds']:.0f} s:"]
+    if "linear_top1" in res:
+        lines.append(f"  {'linear probe top-1 (frozen)':<32} {res['linear_top1']:.4f}")
+    lines += [f"  {'test top-1':<32} {res['top1']:.4f}", f"results: {Path(a.output) / 'results.json'}"]
+    print("\n".join(lines))
+    return 0
+
+
+def _distill(a: argparse.Namespace) -> int:
+    from contrastive.evaluation.distill import distill
+
+    section, overrides = _split_backbone(a.overrides, a.student)
+    data = build_dataclass(DataConfig, _data_tree(_needs_data(a, "distill")), "data")
+    res = distill(a.teacher, section, data, a.output, recipe=a.recipe, overrides=overrides, seed=a.seed,
+                  device=a.device)
+    print(f"student {res['parameters']:,} parameters, teacher {res['teacher_parameters']:,}; "
+          f"{res['budget']['epochs']} epochs, {res['budget']['train_seconds']:.0f} s\n"
+          f"  {'student test top-1':<32} {res['top1']:.4f}\n  {'teacher test top-1':<32} {res['teacher_top1']:.4f}\n"
+          f"results: {Path(a.output) / 'results.json'}")
+    return 0
+
+
+def _export(a: argparse.Namespace) -> int:
+    from contrastive.export import export
+
+    res = export(a.checkpoint, a.format, a.output)
+    diff = f", max |difference| {res['max_abs_diff']:.2e}" if "max_abs_diff" in res else ""
+    print(f"wrote {res['model']} ({res['format']}, images {res['input_shape']} -> {res['output']}) and "
+          f"{res['preprocess']}\nchecked: {res['checked']}{diff}")
+    return 0
+
+
+def _report_runs(a: argparse.Namespace) -> int:
+    from contrastive.report import report
+
+    res = report(a.runs, a.output)
+    print(Path(res["markdown"]).read_text())
+    print(f"wrote {res['markdown']}" + (f" and {res['png']}" if "png" in res else ""))
     return 0
 
 
@@ -205,8 +348,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         # log lines (the memory check, the time estimate) print above the progress bar, not into it
+        commands = {"pretrain": _pretrain, "eval": _eval, "embed": _embed, "finetune": _finetune,
+                    "distill": _distill, "export": _export, "report": _report_runs}
         with logging_redirect_tqdm():
-            return {"pretrain": _pretrain, "eval": _eval, "embed": _embed}[a.command](a)
+            return commands[a.command](a)
     except ContrastiveError as e:
         print(f"contrastive: error: {error_message(e)}", file=sys.stderr)
         return 2

@@ -129,6 +129,10 @@ class Method(nn.Module):
         """The module evaluation and ``encoder.pt`` use: images [B, C, S, S] -> features [B, D]."""
         return self.backbone
 
+    def projection_head(self) -> nn.Sequential | None:
+        """The head on top of ``encoder()`` (SimCLR v2 fine-tunes from its first layer); None when there is none."""
+        return None
+
     def sync_batchnorm(self) -> None:
         """Turn batch norm into SyncBatchNorm where the method wants statistics over every process
         (SimCLR's global BN: all of it). MoCo keeps its key encoder's per-process BN for shuffling."""

@@ -73,6 +73,9 @@ class InstDisc(Method):
             # NCE's normaliser Z; 0 until the first step estimates it (the official code's -1)
             self.register_buffer("z", torch.zeros(()))
 
+    def projection_head(self) -> nn.Sequential:
+        return nn.Sequential(self.fc)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images [n, C, S, S] -> L2-normalised float32 features [n, embedding_dim]."""
         return F.normalize(self.fc(self.backbone(x)).float(), dim=1)

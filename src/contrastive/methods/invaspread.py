@@ -45,6 +45,9 @@ class InvaSpread(Method):
         self.backbone = backbone
         self.fc = nn.Linear(feature_dim, cfg.embedding_dim)
 
+    def projection_head(self) -> nn.Sequential:
+        return nn.Sequential(self.fc)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images [n, C, S, S] -> L2-normalised float32 features [n, embedding_dim]."""
         return F.normalize(self.fc(self.backbone(x)).float(), dim=1)

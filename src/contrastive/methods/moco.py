@@ -121,6 +121,10 @@ class MoCo(Method):
     def encoder(self) -> nn.Module:
         return self.encoder_q[0]
 
+    def projection_head(self) -> nn.Sequential:
+        head = self.encoder_q[1]
+        return head if isinstance(head, nn.Sequential) else nn.Sequential(head)
+
     def sync_batchnorm(self) -> None:
         """MoCo keeps batch norm per group: its shuffled groups are the point (Sec. 3.3), so no SyncBN."""
         log.info("moco: batch norm stays per process (shuffling BN); train.sync_batchnorm does not apply")

@@ -104,6 +104,9 @@ class MoCoV3(Method):
         loss = info_nce_batch(q1, k2, self.temperature) + info_nce_batch(q2, k1, self.temperature)
         return StepOutput(loss=loss)
 
+    def projection_head(self) -> nn.Sequential:
+        return self.projector
+
     def momentum(self, step: StepInfo) -> float:
         """m of the key update that follows ``step``: the m the official code uses at the start of the next
         iteration."""

@@ -57,6 +57,9 @@ class SimCLR(Method):
             cfg.projection_bn,
         )
 
+    def projection_head(self) -> nn.Sequential:
+        return self.projector
+
     def forward(self, batch: Batch, *, step: StepInfo) -> StepOutput:
         views = batch.views
         if len(views) != 2:

@@ -1,0 +1,245 @@
+"""Label subsets, fine-tuning from a projection-head layer, the distillation loss, classifier files, the
+training loop's determinism, the report, and the narrower small_cnn."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from contrastive.config import Config, OptimConfig
+from contrastive.data.labels import choose, labels_sha256, parse_spec, read_labels, resolve, write_labels
+from contrastive.data.preprocess import Preprocess
+from contrastive.errors import ConfigError, DataError
+from contrastive.evaluation.classifier import (Classifier, encoder_from, head_layers, load_classifier,
+                                               plain_batchnorm, pretrained_source, save_classifier, stage_config,
+                                               stage_recipe)
+from contrastive.evaluation.distill import DistillConfig, labelled_share
+from contrastive.evaluation.finetune import FinetuneConfig
+from contrastive.evaluation.supervised import crop_flip_views, epoch_batches, train_loop
+from contrastive.losses import distillation_loss
+from contrastive.methods.base import BuildContext
+from contrastive.nn.backbones import build_backbone
+from contrastive.registry import lookup
+
+
+def _labels(counts):
+    """Labels with ``counts[c]`` members of class c, in a shuffled order."""
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    return labels[torch.randperm(sum(counts), generator=torch.Generator().manual_seed(1))]
+
+
+# ------------------------------------------------------------------------------------------ label subsets
+
+
+def test_subsets_are_class_balanced_and_repeat_under_a_seed():
+    labels = _labels([500, 300, 200, 7])
+    sub = choose(labels, "10%", seed=3, dataset="toy")
+    picked = labels[torch.tensor(sub.indices)]
+    assert sub.per_class == [50, 30, 20, 1]  # round(0.1 n), at least one image of a class
+    assert [int((picked == c).sum()) for c in range(4)] == [50, 30, 20, 1]
+    assert sub.indices == sorted(set(sub.indices))
+    assert choose(labels, "10%", seed=3, dataset="toy").indices == sub.indices
+    assert choose(labels, "10%", seed=4, dataset="toy").indices != sub.indices
+    five = choose(labels, "5-per-class", seed=0, dataset="toy")
+    assert [int((labels[torch.tensor(five.indices)] == c).sum()) for c in range(4)] == [5, 5, 5, 5]
+    assert math.isclose(choose(labels, "1%", 0, dataset="toy").fraction, (5 + 3 + 2 + 1) / 1007)
+    with pytest.raises(DataError, match="class 3 of toy has only 7 images"):
+        choose(labels, "8-per-class", seed=0, dataset="toy")
+
+
+@pytest.mark.parametrize("spec,match", [("ten", "neither a percentage"), ("0%", r"in \(0%, 100%\]"),
+                                        ("150%", r"in \(0%, 100%\]"), ("0-per-class", "at least 1 image")])
+def test_bad_label_specs_are_refused(spec, match):
+    with pytest.raises(DataError, match=match):
+        parse_spec(spec)
+
+
+def test_labels_file_round_trip_and_refusal_for_other_data(tmp_path):
+    labels = _labels([40, 40, 40])
+    sub = choose(labels, "10%", seed=0, dataset="toy")
+    path = write_labels(sub, tmp_path / "labels.json")
+    again = resolve(str(path), labels, seed=99, dataset="toy")  # a file is reused as it is: the seed is ignored
+    assert again == sub and again.fingerprint() == sub.fingerprint()
+    with pytest.raises(DataError, match="made for toy \\(120 images\\), not for other \\(121 images"):
+        read_labels(path, _labels([41, 40, 40]), dataset="other")
+    shuffled = labels.flip(0)  # same size, same counts, another order: the indices would point elsewhere
+    assert labels_sha256(shuffled) != labels_sha256(labels)
+    with pytest.raises(DataError, match="made for toy"):
+        read_labels(path, shuffled, dataset="toy")
+    with pytest.raises(DataError, match="does not exist"):
+        resolve(str(tmp_path / "missing.json"), labels, 0, dataset="toy")
+
+
+# ------------------------------------------------------------------------------------------ from a head layer
+
+
+def _method(name, **fields):
+    cfg = Config(method={"name": name, **fields}, backbone={"name": "small_cnn", "widths": [8, 16]})
+    ctx = BuildContext(channels=3, image_size=16, dataset_size=64, num_classes=4, batch_size=16, world_size=1,
+                       steps_per_epoch=4, epochs=1, backbone_section=dict(cfg.backbone))
+    spec = lookup("methods", name)
+    from contrastive.config import method_config
+
+    torch.manual_seed(0)
+    return spec.build(ctx, method_config(cfg)), cfg, ctx
+
+
+def test_fine_tuning_from_the_first_projector_layer_builds_backbone_plus_that_layer():
+    method, _, _ = _method("simclr-v2", hidden_dim=24, projection_dim=8)  # 3-layer head: 16 -> 24 -> 24 -> 8
+    layers = head_layers(method.projector)
+    assert [[type(m).__name__ for m in layer] for layer in layers] == [
+        ["Linear", "BatchNorm1d", "ReLU"], ["Linear", "BatchNorm1d", "ReLU"], ["Linear", "BatchNorm1d"]]
+    enc, dim = encoder_from(method, 1)
+    assert dim == 24 and len(enc) == 2 and enc[0] is method.backbone
+    assert [type(m).__name__ for m in enc[1]] == ["Linear", "BatchNorm1d", "ReLU"]
+    assert enc[1][0] is method.projector[0]  # the pretrained layer itself, not a fresh one
+    method.eval()
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(enc(x), method.projector[2](method.projector[1](method.projector[0](method.backbone(x)))))
+        whole, dim3 = encoder_from(method, 3)
+        assert dim3 == 8 and torch.equal(whole(x), method.projector(method.backbone(x)))
+    backbone, dim0 = encoder_from(method, 0)
+    assert backbone is method.backbone and dim0 == 16
+    with pytest.raises(ConfigError, match="has 3 layer\\(s\\); choose 0 \\(the encoder\\) to 3"):
+        encoder_from(method, 4)
+    inst, _, _ = _method("instdisc", embedding_dim=8, num_negatives=4)
+    enc1, dim1 = encoder_from(inst, 1)  # Method.projection_head(): InstDisc's fc
+    assert dim1 == 8 and enc1[1][0] is inst.fc
+    with pytest.raises(ConfigError, match="has 1 layer"):
+        encoder_from(inst, 2)
+
+    class Headless(type(inst)):
+        def projection_head(self):
+            return None
+
+    inst.__class__ = Headless
+    with pytest.raises(ConfigError, match="Headless keeps no projection head"):
+        encoder_from(inst, 1)
+
+
+def test_classifier_file_rebuilds_the_same_model(tmp_path):
+    method, cfg, ctx = _method("simclr-v2", hidden_dim=24, projection_dim=8)
+    enc, dim = encoder_from(method, 1)
+    model = Classifier(enc, dim, 4)
+    nn.init.normal_(model.fc.weight)
+    pre = Preprocess(3, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    sub = choose(_labels([8, 8, 8, 8]), "2-per-class", 0, dataset="toy")
+    from dataclasses import asdict
+
+    save_classifier(model, tmp_path / "classifier.pt", source=pretrained_source(cfg, ctx, 1), preprocess=pre,
+                    classes=list("abcd"), labels=asdict(sub))
+    loaded, info = load_classifier(tmp_path)  # the run folder works too
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    assert info["preprocess"] == pre and info["classes"] == list("abcd") and info["labels"]["indices"] == sub.indices
+
+
+def test_split_batchnorm_becomes_plain_with_the_same_numbers():
+    method, _, _ = _method("moco-v2", queue_size=32, bn_splits=2)
+    enc = method.encoder()
+    enc.eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        before = enc(x)
+        plain = plain_batchnorm(enc)
+        assert not any(type(m).__name__ == "SplitBatchNorm" for m in plain.modules())
+        assert torch.equal(plain(x), before)
+
+
+# ------------------------------------------------------------------------------------------ distillation loss
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.1, 2.0])
+def test_distillation_loss_is_the_kl_divergence_by_hand(temperature):
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(6, 5, generator=g) * 3, torch.randn(6, 5, generator=g) * 3
+    total = 0.0
+    for i in range(6):
+        zs = [math.exp(v / temperature) for v in student[i].tolist()]
+        zt = [math.exp(v / temperature) for v in teacher[i].tolist()]
+        ps = [z / sum(zs) for z in zs]
+        pt = [z / sum(zt) for z in zt]
+        total += sum(t * math.log(t / s) for t, s in zip(pt, ps))
+    expected = temperature**2 * total / 6
+    assert distillation_loss(student, teacher, temperature).item() == pytest.approx(expected, rel=1e-5)
+    assert distillation_loss(teacher, teacher, temperature).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_gradient_reaches_the_student_only():
+    s = torch.randn(4, 3, requires_grad=True)
+    t = torch.randn(4, 3, requires_grad=True)
+    distillation_loss(s, t, 1.0).backward()
+    # d/ds of KL(p_t || softmax(s)) averaged over the batch: (softmax(s) - p_t) / n
+    assert torch.allclose(s.grad, (s.softmax(1) - t.softmax(1)).detach() / 4, atol=1e-6)
+    assert t.grad is None
+    assert labelled_share(4500, 45000, 256) == 26 and labelled_share(1, 45000, 256) == 1
+
+
+# ------------------------------------------------------------------------------------------ training loop
+
+
+def test_epoch_batches_cover_every_image_once_in_nearly_equal_batches():
+    batches = epoch_batches(450, 256, seed=0, epoch=2)
+    assert [len(b) for b in batches] == [225, 225]
+    assert sorted(torch.cat(batches).tolist()) == list(range(450))
+    assert all(torch.equal(a, b) for a, b in zip(batches, epoch_batches(450, 256, seed=0, epoch=2)))
+
+
+def _tiny_run(seed):
+    torch.manual_seed(0)
+    enc, dim = build_backbone({"name": "small_cnn", "widths": [4, 8]}, in_channels=3, image_size=16)
+    model = Classifier(enc, dim, 3)
+    images = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    targets = torch.arange(24) % 3
+    pre = Preprocess(3, 16, (0.5,) * 3, (0.25,) * 3)
+    views = crop_flip_views(pre, 16, [0.5, 1.0], 0.5)
+    optim = OptimConfig(name="sgd", lr=0.5, lr_scaling="none", weight_decay=0.0, warmup_epochs=0)
+    res = train_loop(model, images, lambda x, idx, step: nn.functional.cross_entropy(model(x), targets[idx]),
+                     epochs=1, batch_size=8, optim=optim, views=views, seed=seed, device=torch.device("cpu"))
+    return model, res
+
+
+def test_training_loop_repeats_under_a_seed():
+    (a, res), (b, _), (c, _) = _tiny_run(1), _tiny_run(1), _tiny_run(2)
+    assert res.steps == 3
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.fc.weight, c.fc.weight)
+
+
+def test_crop_flip_views_have_no_colour_changes():
+    pre = Preprocess(3, 8, (0.0,) * 3, (1.0,) * 3)
+    views = crop_flip_views(pre, 8, [1.0, 1.0], 1.0)  # full-image crop, always flipped
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    (v,) = views(images, torch.Generator().manual_seed(0))
+    assert torch.allclose(v, images.float().div(255).flip(-1), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+
+@pytest.mark.parametrize("dataset", ["digits", "cifar10", "some/folder"])
+def test_every_stage_recipe_validates(dataset):
+    tree, path = stage_recipe(dataset, None)
+    assert path.name == ("default.yaml" if dataset == "some/folder" else f"{dataset}.yaml")
+    ft = stage_config(FinetuneConfig, tree, "finetune", [])
+    scratch = stage_config(FinetuneConfig, tree, "scratch", ["optim.lr=0.3"], base="finetune")
+    assert ft.epochs_for(0.01) == 60 and ft.epochs_for(0.1) == 30  # SimCLR v2's lengths
+    assert scratch.optim.lr == 0.3 and scratch.epochs_by_fraction == ft.epochs_by_fraction
+    assert stage_config(DistillConfig, tree, "distill", ["temperature=0.1"]).temperature == 0.1
+    with pytest.raises(ConfigError, match="unknown config key finetune.epoch"):
+        stage_config(FinetuneConfig, tree, "finetune", ["epoch=3"])
+
+
+# ------------------------------------------------------------------------------------------ backbones
+
+
+def test_small_cnn_widths_default_unchanged_and_narrower_student():
+    net, dim = build_backbone({"name": "small_cnn"}, in_channels=3, image_size=32)
+    assert dim == 256 and [m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)] == [32, 64, 128, 256]
+    small, sdim = build_backbone({"name": "small_cnn", "widths": [16, 32, 64, 128]}, in_channels=3, image_size=32)
+    assert sdim == 128 and small(torch.randn(2, 3, 32, 32)).shape == (2, 128)
+    with pytest.raises(ConfigError, match="backbone.widths"):
+        build_backbone({"name": "small_cnn", "widths": [16, 0]}, in_channels=3, image_size=32)
