@@ -148,8 +148,8 @@ def test_batch_search_respects_the_memory_estimate(free, monkeypatch, tmp_path):
     room = autoconfig.MEMORY_SHARE * (free - decoded if decoded <= free / 2 else free)
     ctx = BuildContext(channels=3, image_size=32, dataset_size=50000, num_classes=None, batch_size=batch,
                        world_size=1, steps_per_epoch=1, epochs=1, backbone_section=cfg.backbone)
-    mem = budget.measure_step(build_method(cfg, ctx), channels=3, size=32, n_views=2, device=torch.device("cpu"),
-                              amp_dtype=None, step=StepInfo(step=0, epoch=0, total_steps=1))
+    mem = budget.measure_step(build_method(cfg, ctx), channels=3, sizes=[32, 32], n_global=2,
+                              device=torch.device("cpu"), amp_dtype=None, step=StepInfo(step=0, epoch=0, total_steps=1))
     assert mem.need(batch) <= room
     assert batch == 512 or mem.need(2 * batch) > room
     assert (batch == 512) == (free == 10 * 2**30)

@@ -269,7 +269,7 @@ def test_memory_check_refuses_a_batch_that_cannot_fit_and_names_one_that_does(tm
     trainer = _trainer(_cfg(tmp_path, "train.epochs=1"))
     before = {k: v.clone() for k, v in trainer.method.state_dict().items()}
     rng = torch.get_rng_state()
-    memory = budget.measure_step(trainer.method, channels=1, size=16, n_views=2, device=torch.device("cpu"),
+    memory = budget.measure_step(trainer.method, channels=1, sizes=[16, 16], n_global=2, device=torch.device("cpu"),
                                  amp_dtype=None, step=trainer.step_info())
     assert memory.per_image > 0 and memory.per_pair > 0  # NT-Xent's [2n, 2n] logits grow with n^2
     # an artificially small machine: room for about 50 of the 128 images of a step
@@ -308,7 +308,7 @@ def test_step_memory_counts_saved_tensors_exactly():
             return StepOutput(loss=(x @ x.T / x.shape[1]).exp().mean())  # [n, n]
 
     d = 3 * 5 * 5
-    mem = budget.measure_step(Toy(), channels=3, size=5, n_views=1, device=torch.device("cpu"), amp_dtype=None,
+    mem = budget.measure_step(Toy(), channels=3, sizes=[5], n_global=1, device=torch.device("cpu"), amp_dtype=None,
                               step=StepInfo(step=0, epoch=0, total_steps=1))
     assert mem.per_pair == budget.BACKWARD_FACTOR * 4
     assert mem.per_image == budget.BACKWARD_FACTOR * 2 * 4 * d + 2 * 4 * d  # saved, plus the view and its source

@@ -34,6 +34,7 @@ from contrastive.config import (
 )
 from contrastive.data import load_splits
 from contrastive.data.preprocess import Preprocess
+from contrastive.data.views import run_view_size
 from contrastive.data.splits import seen_in_pretraining
 from contrastive.errors import CheckpointError, DataError
 from contrastive.evaluation import (extract_features, knn_device, knn_top1, linear_probe, raw_pixel_features,
@@ -102,7 +103,7 @@ def _pretrain(cfg: Config) -> dict[str, Any]:
                         f"--train-data and --test-data with labelled folders, or --no-eval")
     if cfg.eval.enabled is None and not evaluate:
         log.warning("no evaluation after pretraining: %s", splits.note)
-    size = cfg.views.size or train_set.image_size
+    size = run_view_size(cfg, train_set.image_size)  # the global views' side: what evaluation feeds the encoder
     ctx = BuildContext.for_run(cfg, train_set, distributed.world_size())
     method = build_method(cfg, ctx)
     if distributed.is_main():

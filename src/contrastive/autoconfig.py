@@ -199,6 +199,7 @@ def _step_memory(tree: dict, shape: Any, view_size: int, device: torch.device, w
     for ``shape``'s data on ``device``, without touching the global random state."""
     from contrastive.api import build_method
     from contrastive.config import Config, build_dataclass, validate
+    from contrastive.data.views import global_size, run_view_groups, view_groups, view_shapes
     from contrastive.methods.base import BuildContext, StepInfo
     from contrastive.training.budget import measure_step
     from contrastive.training.trainer import resolve_precision
@@ -207,12 +208,15 @@ def _step_memory(tree: dict, shape: Any, view_size: int, device: torch.device, w
     validate(cfg)
     batch, epochs = cfg.train.batch_size, cfg.train.epochs
     steps = max(shape.images // batch, 1)
+    decoded = cfg.data.image_size or shape.size
+    groups = view_groups(cfg.views, decoded, run_view_groups(cfg))
+    view_size = global_size(groups, decoded)
     ctx = BuildContext(channels=shape.channels, image_size=view_size, dataset_size=shape.images, num_classes=None,
                        batch_size=batch, world_size=world, steps_per_epoch=steps, epochs=epochs,
                        backbone_section=dict(cfg.backbone))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         method = build_method(cfg, ctx).to(device)
-        return measure_step(method, channels=shape.channels, size=view_size, n_views=cfg.views.n_views,
-                            device=device, amp_dtype=resolve_precision(cfg.train.precision, device),
+        sizes, n_global = view_shapes(groups, decoded)
+        return measure_step(method, channels=shape.channels, sizes=sizes, n_global=n_global, device=device, amp_dtype=resolve_precision(cfg.train.precision, device),
                             step=StepInfo(step=0, epoch=0, total_steps=steps * epochs, steps_per_epoch=steps,
                                           epochs=epochs), dataset_size=shape.images)

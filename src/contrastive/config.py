@@ -75,6 +75,13 @@ class ViewConfig:
                           "(0.1, 2.0) in SimCLR Appendix A.")
     blur_kernel_frac: float = _f(0.1, "Blur kernel side as a fraction of the image side (10%, SimCLR A).")
     solarize_p: float = _f(0.0, "Solarize probability (BYOL uses it; SimCLR does not).")
+    groups: list | None = _f(None, "View groups, for views that differ (BYOL's asymmetric pair, SwAV's and DINO's "
+                             "multi-crop): a list of mappings, each with `count` (views of the group), `global` "
+                             "(a global view: DINO's teacher and SwAV's codes see only these; default: true when the "
+                             "group sets no size of its own) and any of the fields above from size to solarize_p "
+                             "that differ from them. Global groups come first in the batch and share one size, "
+                             "which evaluation uses. None: the method's own groups (see its docs), else n_views "
+                             "views of the fields above.")
 
 
 @dataclass
@@ -87,6 +94,8 @@ class OptimConfig:
     betas: list = _f([0.9, 0.999], "AdamW betas.")
     weight_decay: float = _f(1e-4, "Weight decay on weights only, never on biases or norm layers "
                              "(SimCLR excludes them from LARS adaptation and decay).")
+    weight_decay_end: float | None = _f(None, "Weight decay at the end of a cosine schedule from weight_decay (DINO: "
+                                        "0.04 -> 0.4, 'a cosine schedule from 0.04 to 0.4', Sec. 5); None: constant.")
     lars_eta: float = _f(0.001, "LARS trust coefficient (You et al. 2017).")
     warmup_epochs: float = _f(10.0, "Linear warm-up length in epochs before the cosine decay (SimCLR B.1).")
     min_lr_ratio: float = _f(0.0, "Final learning rate as a fraction of the peak; SimCLR decays to 0.")
@@ -94,7 +103,9 @@ class OptimConfig:
                        "multiplies by gamma at each milestone epoch (InstDisc, MoCo v1: x0.1 at 120 and 160).")
     milestones: list = _f([120, 160], "Epochs at which the step schedule multiplies the learning rate by gamma.")
     gamma: float = _f(0.1, "Factor of the step schedule at each milestone.")
-    grad_clip: float | None = _f(None, "Clip the global gradient norm to this value; None: no clipping.")
+    grad_clip: float | None = _f(None, "Clip the gradient norm to this value; None: no clipping.")
+    grad_clip_mode: str = _f("global", "global: the norm of all gradients together (torch's clip_grad_norm_); "
+                             "per_parameter: each tensor's own norm, as DINO's clip_gradients (clip 3.0).")
 
 
 @dataclass
@@ -386,7 +397,7 @@ _RANGES = [
     ("train.epochs", 1, True), ("train.batch_size", 1, True), ("train.checkpoint_every", 1, True),
     ("train.log_every", 1, True), ("train.max_steps", 1, True), ("train.time_budget_s", 0, False),
     ("optim.lr", 0, True), ("optim.weight_decay", 0, True), ("optim.lars_eta", 0, False),
-    ("optim.warmup_epochs", 0, True), ("optim.min_lr_ratio", 0, True), ("optim.grad_clip", 0, False),
+    ("optim.warmup_epochs", 0, True), ("optim.weight_decay_end", 0, True), ("optim.min_lr_ratio", 0, True), ("optim.grad_clip", 0, False),
     ("data.num_workers", 0, True), ("data.image_size", 1, True), ("data.holdout", 0, False),
     ("eval.knn_k", 1, True), ("eval.knn_temperature", 0, False), ("eval.linear_epochs", 1, True),
     ("eval.linear_lr", 0, False), ("eval.linear_batch_size", 1, True), ("eval.batch_size", 1, True),
@@ -402,6 +413,8 @@ def validate(cfg: Config) -> None:
         if value is not None and (value < low or (value == low and not inclusive)):
             bound = f">= {low}" if inclusive else f"> {low}"
             raise ConfigError(f"{key}={value} is out of range: it must be {bound}")
+    if cfg.optim.grad_clip_mode not in ("global", "per_parameter"):
+        raise ConfigError(f"optim.grad_clip_mode={cfg.optim.grad_clip_mode!r}: choose global or per_parameter")
     if cfg.optim.schedule not in ("cosine", "step"):
         raise ConfigError(f"optim.schedule={cfg.optim.schedule!r}: choose cosine or step")
     if not 0 < cfg.optim.gamma <= 1:

@@ -61,9 +61,15 @@ class StepInfo:
 class Batch:
     """This process's share of one global batch."""
 
-    views: list[torch.Tensor]  # n_views float tensors [n, C, S, S], normalised, on the training device
+    views: list[torch.Tensor]  # float tensors [n, C, S_v, S_v], normalised, on the training device; global first
     index: torch.Tensor  # [n] int64: each sample's position in the training dataset (memory banks)
     label: torch.Tensor  # [n] int64: class, -1 when unknown (supervised losses only)
+    n_global: int | None = None  # the first n_global views are global (views.groups); None: all of them
+
+    @property
+    def global_views(self) -> list[torch.Tensor]:
+        """The global views (DINO's teacher, SwAV's codes): the first ``n_global``, all when unset."""
+        return self.views if self.n_global is None else self.views[:self.n_global]
 
 
 @dataclass
@@ -100,7 +106,9 @@ class BuildContext:
     @classmethod
     def for_run(cls, cfg: Any, dataset: Any, world_size: int = 1) -> "BuildContext":
         """The context of training ``cfg`` (a Config) on ``dataset`` over ``world_size`` processes."""
-        return cls(channels=dataset.channels, image_size=cfg.views.size or dataset.image_size,
+        from contrastive.data.views import run_view_size
+
+        return cls(channels=dataset.channels, image_size=run_view_size(cfg, dataset.image_size),
                    dataset_size=len(dataset), num_classes=dataset.num_classes, batch_size=cfg.train.batch_size,
                    world_size=world_size, steps_per_epoch=max(len(dataset) // cfg.train.batch_size, 1),
                    epochs=cfg.train.epochs, backbone_section=dict(cfg.backbone))
@@ -123,7 +131,15 @@ class Method(nn.Module):
         """State updates after the optimiser step, from ``forward``'s detached ``updates``."""
 
     def before_optimizer_step(self, step: StepInfo) -> None:
-        """Runs between backward and the optimiser step (zero a frozen group's gradients)."""
+        """Runs between backward and the optimiser step: a part frozen for the first steps (SwAV's prototypes,
+        DINO's last layer) drops its gradients here (``grad = None``: the optimiser skips it, momentum and
+        weight decay included), rather than being detached, which DDP would reject as unused parameters."""
+
+    def param_groups(self) -> list[dict]:
+        """The method's parameter groups with their tags (``training.optim.DEFAULT_TAGS``): ``lr_scale``,
+        ``fixed_lr`` (SimSiam's predictor), ``lars`` and ``decay`` exclusions, a unique ``name``. Every
+        trainable parameter in exactly one; biases and norms are split off each group without decay or LARS."""
+        return [{"name": "default", "params": list(self.parameters())}]
 
     def encoder(self) -> nn.Module:
         """The module evaluation and ``encoder.pt`` use: images [B, C, S, S] -> features [B, D]."""
@@ -151,3 +167,6 @@ class MethodSpec:
 
     config_class: type
     build: Callable[[BuildContext, Any], Method]
+    # the paper's view groups (views.groups) for global views of a given side, used when the config names
+    # none; None: n_views views of one recipe
+    view_groups: Callable[[int], list[dict]] | None = None

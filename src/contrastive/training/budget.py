@@ -85,9 +85,10 @@ def _batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def measure_step(method: Method, *, channels: int, size: int, n_views: int, device: torch.device,
+def measure_step(method: Method, *, channels: int, sizes: list[int], n_global: int, device: torch.device,
                  amp_dtype: torch.dtype | None, step: StepInfo, dataset_size: int | None = None) -> StepMemory:
-    """The memory of a training step of ``method`` on views ``[n, channels, size, size]``, from trial forward
+    """The memory of a training step of ``method`` on views ``[n, channels, s, s]`` for each side s of
+    ``sizes`` (the first ``n_global`` global, as the trainer's batches), from trial forward
     passes at TRIAL_BATCHES times ``method.batch_multiple`` images (their dataset indices below
     ``dataset_size``: rows of a memory bank).
     Changes no state: batch-norm running statistics are kept (momentum 0 for the trials) and the random
@@ -105,10 +106,10 @@ def measure_step(method: Method, *, channels: int, size: int, n_views: int, devi
                 m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch statistic: unchanged
             for n in trials:
                 gen = torch.Generator(device=device).manual_seed(n)
-                views = [torch.randn(n, channels, size, size, generator=gen, device=device) for _ in range(n_views)]
+                views = [torch.randn(n, channels, s, s, generator=gen, device=device) for s in sizes]
                 index = torch.arange(n, device=device) % (dataset_size or n)
                 batch = Batch(views=views, index=index,
-                              label=torch.full((n,), -1, dtype=torch.long, device=device))
+                              label=torch.full((n,), -1, dtype=torch.long, device=device), n_global=n_global)
                 saved.append(_saved_bytes(method, batch, step, autocast))
     finally:
         for m, momentum, tracked in kept:
@@ -124,7 +125,7 @@ def measure_step(method: Method, *, channels: int, size: int, n_views: int, devi
     weights = sum(p.numel() * p.element_size() for p in method.parameters() if p.requires_grad)
     # per image, besides the saved tensors: its views (the batch of floats the method receives) and the
     # float copy of the uint8 image the views are cut from
-    inputs = (n_views + 1) * channels * size * size * 4
+    inputs = (sum(s * s for s in sizes) + max(sizes) ** 2) * channels * 4
     return StepMemory(fixed=3 * weights + BACKWARD_FACTOR * a, per_image=BACKWARD_FACTOR * b + inputs,
                       per_pair=BACKWARD_FACTOR * c)
 

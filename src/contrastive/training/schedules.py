@@ -68,3 +68,11 @@ def scaled_lr(base_lr: float, batch_size: int, scaling: str) -> float:
     if scaling == "none":
         return base_lr
     raise ConfigError(f"optim.lr_scaling: unknown scaling {scaling!r}; choose linear, sqrt or none")
+
+
+def weight_decay_at(step: int, *, total_steps: int, optim) -> float:
+    """The weight decay of step ``step``: ``optim.weight_decay``, or a cosine from it to
+    ``optim.weight_decay_end`` over the run (DINO's ``cosine_scheduler(weight_decay, weight_decay_end, ...)``)."""
+    if optim.weight_decay_end is None:
+        return optim.weight_decay
+    return cosine(step, total_steps, optim.weight_decay, optim.weight_decay_end)

@@ -31,14 +31,14 @@ from contrastive import distributed
 from contrastive.config import Config, build_dataclass, resolved_sections, to_dict
 from contrastive.data import collate_skip_corrupt
 from contrastive.data.preprocess import Preprocess
-from contrastive.data.views import make_views
+from contrastive.data.views import make_views, run_view_groups, view_groups, view_shapes
 from contrastive.errors import CheckpointError, ConfigError, NonFiniteLossError
 from contrastive.methods.base import STREAM_GLOBAL, Batch, BuildContext, Method, StepInfo, StepOutput, step_seed
 from contrastive.training.budget import TimeEstimate, check_step_fits, measure_step
 from contrastive.training.checkpoint import (FORMAT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state,
                                              to_cpu)
-from contrastive.training.optim import build_optimizer
-from contrastive.training.schedules import lr_at, scaled_lr
+from contrastive.training.optim import build_optimizer, clip_gradients, set_step_values
+from contrastive.training.schedules import lr_at, scaled_lr, weight_decay_at
 
 log = logging.getLogger("contrastive.train")
 
@@ -204,7 +204,9 @@ class Trainer:
             self.method.sync_batchnorm()
         if cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
-        self.views = make_views(cfg.views, dataset.mean, dataset.std, dataset.channels, dataset.image_size)
+        self.view_groups = view_groups(cfg.views, dataset.image_size, run_view_groups(cfg))
+        self.views = make_views(cfg.views, dataset.mean, dataset.std, dataset.channels, dataset.image_size,
+                                run_view_groups(cfg))
         self.steps_per_epoch = len(dataset) // cfg.train.batch_size
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
@@ -261,7 +263,7 @@ class Trainer:
             "optimizer": to_cpu(self.optimizer.state_dict()),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
-            "preprocess": asdict(Preprocess.for_dataset(self.dataset, self.cfg.views.size)),
+            "preprocess": asdict(Preprocess.for_dataset(self.dataset, self.views.size)),
             "context": asdict(self.context),
         }
 
@@ -367,7 +369,7 @@ class Trainer:
         if self.cfg.train.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         return Batch(views=views, index=index.to(self.device, non_blocking=True),
-                     label=labels.to(self.device, non_blocking=True))
+                     label=labels.to(self.device, non_blocking=True), n_global=self.views.n_global)
 
     # ---------------------------------------------------------------- loop
 
@@ -454,8 +456,9 @@ class Trainer:
         """Before the first step: a ConfigError naming the largest batch that fits when a step at
         train.batch_size would not fit in the device's free memory (trial steps, see training/budget.py)."""
         size = self.context.image_size
-        memory = measure_step(self.method, channels=self.dataset.channels, size=size,
-                              n_views=self.cfg.views.n_views, device=self.device, amp_dtype=self.amp_dtype,
+        sizes, n_global = view_shapes(self.view_groups, self.dataset.image_size)
+        memory = measure_step(self.method, channels=self.dataset.channels, sizes=sizes,
+                              n_global=n_global, device=self.device, amp_dtype=self.amp_dtype,
                               step=self.step_info(), dataset_size=len(self.dataset))
         check_step_fits(memory, batch_size=self.cfg.train.batch_size, world_size=self.world, device=self.device,
                         what=f"{self.cfg.method['name']} with {self.cfg.backbone['name']} on {size} px views")
@@ -466,8 +469,8 @@ class Trainer:
                         rank=distributed.rank())
 
     def _train_step(self, images, index: torch.Tensor, labels: torch.Tensor, lr: float) -> StepOutput:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_step_values(self.optimizer, lr=lr, peak_lr=self.peak_lr,
+                        weight_decay=weight_decay_at(self.step, total_steps=self.total_steps, optim=self.cfg.optim))
         info = self.step_info()
         batch = self._batch(images, index, labels)
         # dropout and any other use of the global generator: a function of (seed, step, rank)
@@ -487,7 +490,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         self.method.before_optimizer_step(info)
         if self.cfg.optim.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.optim.grad_clip)
+            clip_gradients(self.method, self.cfg.optim.grad_clip, self.cfg.optim.grad_clip_mode)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         with torch.no_grad():
