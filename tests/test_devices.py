@@ -120,6 +120,13 @@ def _loss_examples():
         "nce_normaliser": lambda: (unit(6, 8), unit(6, 8), unit(6 * 5, 8).view(6, 5, 8), 0.07, 100),  # no gradient
         "nonparametric_softmax": lambda: (unit(6, 8).requires_grad_(), unit(20, 8), torch.arange(6) * 3, 0.07),
         "distillation_loss": lambda: (z(6, 10), z(6, 10).detach(), 2.0),
+        "byol_loss": lambda: (z(6, 8), z(6, 8).detach()),
+        "negative_cosine": lambda: (z(6, 8), z(6, 8).detach()),
+        "sinkhorn": lambda: (torch.randn(6, 5, generator=g),),  # codes [6, 5], no gradient
+        "swav_loss": lambda: ([z(6, 5) for _ in range(3)], [torch.rand(6, 5, generator=g) for _ in range(2)], 0.1),
+        "dino_loss": lambda: ([z(6, 5) for _ in range(3)], [torch.randn(6, 5, generator=g) for _ in range(2)],
+                              torch.zeros(1, 5), 0.1, 0.04),
+        "center_update": lambda: (torch.zeros(1, 5), [torch.randn(6, 5, generator=g) for _ in range(2)], 0.9),
     }
 
 
@@ -130,10 +137,10 @@ def test_every_loss_stays_on_the_input_device():
     for name, make in examples.items():
         inputs = make()
         loss = guarded(getattr(losses, name), *inputs)
-        assert loss.device.type == "cpu" and torch.isfinite(loss), name
+        assert loss.device.type == "cpu" and torch.isfinite(loss).all(), name  # Sinkhorn's codes are [n, K]
         if loss.requires_grad:
             guarded(loss.backward)
-            grads = [t.grad for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+            grads = [t.grad for t in tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
             assert grads and all(g is not None for g in grads), name
             _on_cpu(grads)
 

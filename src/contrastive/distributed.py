@@ -111,6 +111,16 @@ def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Maximum over ranks of ``x``, in place (a shift every rank must agree on, as Sinkhorn's before exp);
+    ``x`` itself when single."""
+    if is_distributed() and dist.get_world_size() > 1:
+        _hold(x)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+@torch.no_grad()
 def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     """``x`` overwritten in place by rank ``src``'s value; ``x`` itself when single."""
     if is_distributed() and dist.get_world_size() > 1:

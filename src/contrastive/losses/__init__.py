@@ -1,10 +1,14 @@
 """Losses: pure functions, one family per file."""
 
+from contrastive.losses.dino import center_update, dino_loss
 from contrastive.losses.distill import distillation_loss
 from contrastive.losses.info_nce import info_nce_batch, info_nce_queue
 from contrastive.losses.invariance_spread import invariance_spread
 from contrastive.losses.nce import nce_loss, nce_normaliser, nonparametric_softmax
+from contrastive.losses.negative_cosine import byol_loss, negative_cosine
 from contrastive.losses.nt_xent import nt_xent
+from contrastive.losses.swav import sinkhorn, swav_loss
 
-__all__ = ["distillation_loss", "info_nce_batch", "info_nce_queue", "invariance_spread", "nce_loss", "nce_normaliser",
-           "nonparametric_softmax", "nt_xent"]
+__all__ = ["byol_loss", "center_update", "dino_loss", "distillation_loss", "info_nce_batch", "info_nce_queue",
+           "invariance_spread", "nce_loss", "nce_normaliser", "negative_cosine", "nonparametric_softmax", "nt_xent",
+           "sinkhorn", "swav_loss"]
