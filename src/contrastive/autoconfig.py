@@ -217,6 +217,7 @@ def _step_memory(tree: dict, shape: Any, view_size: int, device: torch.device, w
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         method = build_method(cfg, ctx).to(device)
         sizes, n_global = view_shapes(groups, decoded)
-        return measure_step(method, channels=shape.channels, sizes=sizes, n_global=n_global, device=device, amp_dtype=resolve_precision(cfg.train.precision, device),
+        return measure_step(method, channels=shape.channels, sizes=sizes, n_global=n_global, device=device,
+                            amp_dtype=resolve_precision(cfg.train.precision, device),
                             step=StepInfo(step=0, epoch=0, total_steps=steps * epochs, steps_per_epoch=steps,
                                           epochs=epochs), dataset_size=shape.images)

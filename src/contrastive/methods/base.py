@@ -77,6 +77,9 @@ class StepOutput:
     loss: torch.Tensor  # scalar, what backward() is called on
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars; read only when logged
     updates: dict[str, torch.Tensor] = field(default_factory=dict)  # detached results for after_step
+    # [n, d] the representation the loss shapes (projections, queries), for the collapse watch
+    # (training/collapse.py); read only at log rows
+    embedding: torch.Tensor | None = None
 
 
 @dataclass
@@ -121,6 +124,8 @@ class Method(nn.Module):
     """
 
     feature_dim: int
+    # what to change when the collapse watch sees the embeddings collapse (training/collapse.py)
+    collapse_advice: str = "lower optim.lr or lengthen optim.warmup_epochs"
     batch_multiple: int = 1  # a process's batch must be a multiple of this (MoCo: its batch-norm groups)
 
     def forward(self, batch: Batch, *, step: StepInfo) -> StepOutput:  # pragma: no cover - abstract

@@ -95,13 +95,14 @@ class InstDisc(Method):
         bank, tau = self.bank.rows, self.cfg.temperature
         updates = {"index": batch.index, "features": f.detach()}
         if self.cfg.loss == "softmax":
-            return StepOutput(loss=nonparametric_softmax(f, bank, batch.index, tau), updates=updates)
+            return StepOutput(loss=nonparametric_softmax(f, bank, batch.index, tau), updates=updates,
+                              embedding=updates["features"])
         positive = bank[batch.index]  # [n, d]
         noise = bank[self.noise_index(f.shape[0], step, f.device)]  # [n, m, d]
         z = self.z if bool(self.z > 0) else nce_normaliser(f, positive, noise, tau, len(self.bank))
         updates["z"] = z
         loss = nce_loss(f, positive, noise, tau, z, len(self.bank))
-        return StepOutput(loss=loss, updates=updates)
+        return StepOutput(loss=loss, updates=updates, embedding=updates["features"])
 
     @torch.no_grad()
     def after_step(self, updates: dict[str, torch.Tensor], step: StepInfo) -> None:

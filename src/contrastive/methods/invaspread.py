@@ -59,7 +59,7 @@ class InvaSpread(Method):
                               f"exactly 2 views per image, got {len(views)}; set views.n_views=2")
         n = views[0].shape[0]
         f = self.embed(torch.cat(views))  # [2n, d]: one pass, batch norm over both views as in the official code
-        return StepOutput(loss=invariance_spread(f[:n], f[n:], self.cfg.temperature))
+        return StepOutput(loss=invariance_spread(f[:n], f[n:], self.cfg.temperature), embedding=f[:n].detach())
 
 
 def _build(ctx: BuildContext, cfg: InvaSpreadConfig) -> InvaSpread:

@@ -98,7 +98,7 @@ class MoCo(Method):
         if self.cfg.symmetric:
             loss_21, k1 = self._contrast(x_k, x_q, shuffle)
             loss, keys = loss + loss_21, [k1, k]
-        return StepOutput(loss=loss, updates={"keys": torch.stack(keys)})  # keys [views, n, dim]
+        return StepOutput(loss=loss, updates={"keys": torch.stack(keys)}, embedding=keys[0])  # keys [views, n, dim]
 
     def _contrast(self, x_q: torch.Tensor, x_k: torch.Tensor, shuffle: torch.Generator):
         q = F.normalize(self.encoder_q(x_q), dim=1)  # [n, dim]

@@ -102,7 +102,7 @@ class MoCoV3(Method):
             k1 = self.momentum_projector(self.momentum_backbone(x1))  # [n, projection_dim]
             k2 = self.momentum_projector(self.momentum_backbone(x2))  # [n, projection_dim]
         loss = info_nce_batch(q1, k2, self.temperature) + info_nce_batch(q2, k1, self.temperature)
-        return StepOutput(loss=loss)
+        return StepOutput(loss=loss, embedding=q1.detach())
 
     def projection_head(self) -> nn.Sequential:
         return self.projector

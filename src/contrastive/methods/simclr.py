@@ -67,7 +67,7 @@ class SimCLR(Method):
         n = views[0].shape[0]
         h = self.backbone(torch.cat(views))  # [2n, feature_dim]: one pass, batch norm over both views
         z = self.projector(h)  # [2n, projection_dim]
-        return StepOutput(loss=nt_xent(z[:n], z[n:], self.cfg.temperature))
+        return StepOutput(loss=nt_xent(z[:n], z[n:], self.cfg.temperature), embedding=z[:n].detach())
 
 
 def _build(ctx: BuildContext, cfg: SimCLRConfig) -> SimCLR:

@@ -35,6 +35,7 @@ from contrastive.data.views import make_views, run_view_groups, view_groups, vie
 from contrastive.errors import CheckpointError, ConfigError, NonFiniteLossError
 from contrastive.methods.base import STREAM_GLOBAL, Batch, BuildContext, Method, StepInfo, StepOutput, step_seed
 from contrastive.training.budget import TimeEstimate, check_step_fits, measure_step
+from contrastive.training.collapse import collapse_stats, collapsed
 from contrastive.training.checkpoint import (FORMAT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state,
                                              to_cpu)
 from contrastive.training.optim import build_optimizer, clip_gradients, set_step_values
@@ -385,6 +386,7 @@ class Trainer:
         stopped = None
         last_log_t, last_log_images = start, 0
         bar = _progress(cfg, self.step, self.total_steps)
+        warned_collapse = False
         try:
             # once: a method that keeps a frozen part in eval mode overrides train() to say so
             self.method.train()
@@ -416,8 +418,14 @@ class Trainer:
                         ips = (images_seen - last_log_images) / max(now - last_log_t, 1e-9)
                         last_log_t, last_log_images = now, images_seen
                         metrics = {"loss": out.loss.detach(), **out.metrics}
+                        if out.embedding is not None:
+                            metrics.update(collapse_stats(out.embedding))
                         row = {"epoch": self.epoch, "step": self.step, "lr": lr, "images_per_s": ips,
+                               **({"weight_decay": self.optimizer.param_groups[0]["weight_decay"]}
+                                  if cfg.optim.weight_decay_end is not None else {}),
                                **{k: distributed.all_reduce_mean(v).item() for k, v in metrics.items()}}
+                        if out.embedding is not None and not warned_collapse:
+                            warned_collapse = self._watch_collapse(row, out.embedding.shape[-1])
                         if logger is not None:
                             logger.write(row)
                         if bar is not None:
@@ -451,6 +459,15 @@ class Trainer:
             stopped_early=stopped,
             checkpoint=self.output / CHECKPOINT_NAME,
         )
+
+    def _watch_collapse(self, row: dict, dim: int) -> bool:
+        """Warn (once a run) when a log row's embedding statistics show a collapse, from the second epoch on
+        (a fresh network's outputs may be narrow); True when it warned."""
+        why = collapsed(row["embed_std"], row["embed_rank"], dim) if self.epoch >= 1 else None
+        if why is not None and distributed.is_main():
+            log.warning("collapse watch at epoch %d, step %d: %s. For %s: %s", self.epoch, self.step, why,
+                        self.cfg.method["name"], self.method.collapse_advice)
+        return why is not None
 
     def check_memory(self) -> None:
         """Before the first step: a ConfigError naming the largest batch that fits when a step at
