@@ -36,8 +36,10 @@ class Probe(Method):
         self.register_buffer("seen", torch.zeros(ctx.dataset_size))  # how often each sample was trained on
         self.register_buffer("noise", torch.zeros(()))
         self.batches: list[Batch] = []
+        self.train_calls: list[bool] = []  # the mode of every train() call on the method itself
 
     def train(self, mode: bool = True):
+        self.train_calls.append(mode)
         super().train(mode)
         self.frozen.eval()  # a teacher's batch norm stays frozen whatever the trainer does
         return self
@@ -79,6 +81,7 @@ def _trainer(cfg):
 
 def test_the_batch_carries_indices_and_labels_and_updates_reach_after_step(tmp_path):
     trainer, data = _trainer(_cfg(tmp_path, "train.epochs=2"))
+    trainer.method.train_calls.clear()
     trainer.fit()
     m = trainer.method
     assert (m.ctx.dataset_size, m.ctx.num_classes, m.ctx.batch_size, m.ctx.world_size) == (1437, 10, 128, 1)
@@ -90,7 +93,10 @@ def test_the_batch_carries_indices_and_labels_and_updates_reach_after_step(tmp_p
     flat = torch.cat([b.index for b in m.batches[:11]])
     assert len(set(flat.tolist())) == 11 * 128
     assert m.seen.sum() == 22 * 128 and m.seen.max() <= 2
-    assert not m.frozen.training and m.backbone.training  # the method's train() decided, once
+    # the method's train() decided, and was asked once for the whole 2-epoch run: a call per epoch (or per
+    # step) would hand the mode back to the trainer
+    assert m.train_calls == [True]
+    assert not m.frozen.training and m.backbone.training
     # the progress log reads the loss from StepOutput.loss even when metrics hold no "loss"
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"loss", "h_mean"} <= set(header)
