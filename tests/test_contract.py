@@ -102,6 +102,21 @@ def test_the_batch_carries_indices_and_labels_and_updates_reach_after_step(tmp_p
     assert {"loss", "h_mean"} <= set(header)
 
 
+def test_the_progress_bar_shows_the_last_logged_loss_of_a_method_without_a_loss_metric(tmp_path, capsys):
+    """The Probe reports only h_mean: the bar's loss is StepOutput.loss, from the last log row (step 10 of 13)."""
+    trainer, _ = _trainer(_cfg(tmp_path, "train.epochs=2", "train.max_steps=13", "train.log_every=5",
+                               "train.progress=true"))
+    trainer.fit()
+    err = capsys.readouterr().err  # tqdm writes to stderr
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    col = rows[0].split(",")
+    losses = {int(r.split(",")[col.index("step")]): float(r.split(",")[col.index("loss")]) for r in rows[1:]}
+    assert sorted(losses) == [5, 10] and f"{losses[5]:.4f}" != f"{losses[10]:.4f}"
+    last = err.rstrip().split("\r")[-1]  # the bar as it was left: 13 of 22 steps, the postfix of step 10
+    assert "13/22" in last and f"loss={losses[10]:.4f}" in last, last
+    assert "h_mean" not in err  # the bar shows the loss, lr and speed, not the method's other metrics
+
+
 def test_resume_restores_buffers_and_per_step_randomness_exactly(tmp_path):
     """Dropout (global generator) and StepInfo.generator are functions of (seed, step, rank): a run stopped
     mid-epoch and resumed ends with the same weights and buffers as one that never stopped."""
