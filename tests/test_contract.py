@@ -202,3 +202,30 @@ def test_encoder_pt_holds_cpu_tensors_and_rebuilds_the_evaluated_encoder(tmp_pat
     torch.testing.assert_close(encoder(x), from_ckpt(x))
     assert encoder(x).shape == (4, info["feature_dim"])
     assert not any(t.is_meta for t in encoder.state_dict().values())
+
+
+def test_each_build_backbone_call_makes_an_independent_encoder():
+    """CMC builds one encoder per view from one context: no shared parameter or buffer, its own random start,
+    and training one leaves the other as it was."""
+    ctx = BuildContext(channels=1, image_size=8, dataset_size=64, num_classes=10, batch_size=8, world_size=1,
+                       steps_per_epoch=8, epochs=1, backbone_section={"name": "small_cnn", "widths": [4, 8]})
+    torch.manual_seed(0)
+    (a, dim_a), (b, dim_b) = ctx.build_backbone(), ctx.build_backbone()
+    assert dim_a == dim_b == 8 and a is not b
+    tensors = lambda m: [*m.parameters(), *m.buffers()]  # noqa: E731
+    assert not {id(t) for t in tensors(a)} & {id(t) for t in tensors(b)}
+    assert not {t.untyped_storage().data_ptr() for t in tensors(a)} & {t.untyped_storage().data_ptr()
+                                                                         for t in tensors(b)}
+    weights = [n for n, p in a.named_parameters() if p.dim() > 1]
+    assert weights and all(not torch.equal(a.get_parameter(n), b.get_parameter(n)) for n in weights)
+    torch.manual_seed(0)
+    again, _ = ctx.build_backbone()  # the first of the pair, under the same seed
+    assert all(torch.equal(x, y) for x, y in zip(again.state_dict().values(), a.state_dict().values()))
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    opt = torch.optim.SGD(a.parameters(), lr=0.5)
+    a.train()
+    a(torch.randn(8, 1, 8, 8)).pow(2).mean().backward()  # batch-norm statistics move too
+    opt.step()
+    assert not torch.equal(a.state_dict()[weights[0]], again.state_dict()[weights[0]])
+    assert all(torch.equal(v, before[k]) for k, v in b.state_dict().items())
+    assert all(p.grad is None for p in b.parameters())
