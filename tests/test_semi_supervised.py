@@ -7,7 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from contrastive.config import Config, OptimConfig
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from contrastive import api
+from contrastive.config import Config, OptimConfig, recipe_dir, resolve_config
 from contrastive.data.labels import choose, labels_sha256, parse_spec, read_labels, resolve, write_labels
 from contrastive.data.preprocess import Preprocess
 from contrastive.errors import ConfigError, DataError
@@ -20,7 +23,7 @@ from contrastive.evaluation.supervised import crop_flip_views, epoch_batches, tr
 from contrastive.losses import distillation_loss
 from contrastive.methods.base import BuildContext
 from contrastive.nn.backbones import build_backbone
-from contrastive.registry import lookup
+from contrastive.registry import lookup, names
 
 
 def _labels(counts):
@@ -117,6 +120,66 @@ def test_fine_tuning_from_the_first_projector_layer_builds_backbone_plus_that_la
     inst.__class__ = Headless
     with pytest.raises(ConfigError, match="Headless keeps no projection head"):
         encoder_from(inst, 1)
+
+
+def _library_methods() -> list[str]:
+    """Every method the library registers (not the ones tests register for themselves)."""
+    import contrastive.methods  # noqa: F401  (fills the method registry)
+
+    return sorted(n for n in names("methods") if lookup("methods", n).build.__module__.startswith("contrastive."))
+
+
+# the first layer of each method's head as its digits (simclr-v2: CIFAR-10) recipe builds it
+FIRST_LAYER = {"simclr": ["Linear", "BatchNorm1d", "ReLU"], "simclr-v2": ["Linear", "BatchNorm1d", "ReLU"],
+               "moco-v1": ["Linear"], "moco-v2": ["Linear", "ReLU"], "moco-v3": ["Linear", "BatchNorm1d", "ReLU"],
+               "instdisc": ["Linear"], "invaspread": ["Linear"]}
+
+
+def _from_recipe(name: str):
+    """``name`` built from its digits recipe (else CIFAR-10's) for 16 px images, with running statistics
+    that are not the initial 0 and 1, in eval mode; and the number of channels."""
+    recipe = next(p for p in (recipe_dir() / f"{name}-{d}.yaml" for d in ("digits", "cifar10")) if p.is_file())
+    cfg = resolve_config(recipe=recipe)
+    channels = 1 if recipe.stem.endswith("digits") else 3
+    ctx = BuildContext(channels=channels, image_size=16, dataset_size=64, num_classes=10, batch_size=8,
+                       world_size=1, steps_per_epoch=4, epochs=2, backbone_section=cfg.backbone)
+    torch.manual_seed(0)
+    method = api.build_method(cfg, ctx)
+    for m in method.modules():
+        if isinstance(m, _BatchNorm) and m.track_running_stats:
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return method.eval(), channels
+
+
+def test_every_library_method_has_an_expected_first_layer():
+    assert sorted(FIRST_LAYER) == _library_methods(), "add the new method's first head layer to FIRST_LAYER"
+
+
+@pytest.mark.parametrize("name", _library_methods())
+def test_every_method_fine_tunes_from_its_encoder_or_its_heads_first_layer(name):
+    """encoder_from(method, 0) is the evaluated encoder; k = 1 is that encoder and the head's first Linear with
+    the modules up to the next Linear, the pretrained modules themselves, computing what they compute by hand."""
+    method, channels = _from_recipe(name)
+    head = list(method.projection_head())
+    assert isinstance(head[0], nn.Linear)
+    end = next((i for i in range(1, len(head)) if isinstance(head[i], nn.Linear)), len(head))
+    assert [type(m).__name__ for m in head[:end]] == FIRST_LAYER[name]
+    x = torch.randn(5, channels, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        h = method.encoder()(x)  # by hand, before encoder_from makes any batch-norm subclass plain
+        z = h
+        for m in head[:end]:
+            z = m(z)
+    enc0, dim0 = encoder_from(method, 0)
+    enc1, dim1 = encoder_from(method, 1)
+    assert enc0 is method.encoder() and dim0 == method.feature_dim == h.shape[1]
+    assert isinstance(enc1, nn.Sequential) and len(enc1) == 2 and enc1[0] is enc0
+    assert len(enc1[1]) == end and all(a is b for a, b in zip(enc1[1], head[:end]))
+    assert dim1 == head[0].out_features == z.shape[1]
+    with torch.no_grad():
+        assert torch.equal(enc0(x), h)
+        assert torch.equal(enc1(x), z)
 
 
 def test_classifier_file_rebuilds_the_same_model(tmp_path):
