@@ -327,6 +327,51 @@ def test_a_training_step_on_an_accelerator_never_synchronises(monkeypatch, tmp_p
     assert checks[0] == {"_local_scalar_dense": 1}  # the log row's check: one read of the first bad step
 
 
+def _supervised_syncs(epochs: int, optimizer: str) -> collections.Counter:
+    """Host synchronisations of a whole fine-tuning loop (3 steps an epoch, clipping on, no metrics rows)."""
+    from contrastive.config import OptimConfig
+    from contrastive.evaluation.classifier import Classifier
+    from contrastive.evaluation.supervised import crop_flip_views, train_loop
+    from contrastive.nn.backbones import build_backbone
+
+    torch.manual_seed(0)
+    enc, dim = build_backbone({"name": "small_cnn", "widths": [4, 8]}, in_channels=3, image_size=16)
+    model = Classifier(enc, dim, 3)
+    targets = torch.arange(24) % 3
+    optim = OptimConfig(name=optimizer, lr=0.5, lr_scaling="none", weight_decay=1e-4, warmup_epochs=1, grad_clip=1.0)
+    views = crop_flip_views(Preprocess(3, 16, (0.5,) * 3, (0.25,) * 3), 16, [0.5, 1.0], 0.5)
+    with SyncCounter() as c:
+        train_loop(model, _images(24, 3, 16), lambda x, idx, step: F.cross_entropy(model(x), targets[idx]),
+                   epochs=epochs, batch_size=8, optim=optim, views=views, seed=0, device=torch.device("cpu"))
+    return c.counts
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_a_supervised_training_step_on_an_accelerator_never_synchronises(monkeypatch, optimizer):
+    """Fine-tuning's and distillation's loop: views, forward, backward, clipping, the optimiser and the non-finite
+    check add no host synchronisation per step; without metrics rows the host reads once, at the end. (AdamW is
+    left out: on CPU parameters its step counters are read with .item(); on a GPU they are host tensors.)"""
+    monkeypatch.setattr(augment, "by_index", lambda x: False)
+    # 3 and 9 steps: the views' per-device constants once, one read of the first non-finite step at the end
+    assert _supervised_syncs(1, optimizer) == _supervised_syncs(3, optimizer) == {"lift_fresh": 3,
+                                                                                  "_local_scalar_dense": 1}
+
+
+def test_distillations_labelled_batch_never_synchronises(monkeypatch):
+    from contrastive.evaluation.distill import labelled_batch
+    from contrastive.evaluation.supervised import DeviceRows, crop_flip_views
+
+    monkeypatch.setattr(augment, "by_index", lambda x: False)
+    rows = DeviceRows(_images(30, 3, 16), torch.arange(30) % 4, device=torch.device("cpu"))
+    views = crop_flip_views(Preprocess(3, 16, (0.5,) * 3, (0.25,) * 3), 16, [0.5, 1.0], 0.5)
+    labelled_batch(rows, 6, views, 0, 0)  # the views' per-device constants
+    with SyncCounter() as c:
+        for step in range(1, 4):
+            labelled_batch(rows, 6, views, 0, step)
+    assert c.counts == {}
+    _on_cpu(guarded(labelled_batch, rows, 6, views, 0, 4))  # the draw and the view are made where the rows are
+
+
 @pytest.mark.parametrize("log_every", [1, 100])
 def test_a_non_finite_loss_is_reported_at_its_step_and_never_saved(tmp_path, log_every):
     trainer = _trainer(tmp_path, "train.epochs=1", "train.max_steps=8", f"train.log_every={log_every}",
