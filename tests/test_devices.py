@@ -649,19 +649,49 @@ def test_raw_pixel_baseline_is_at_most_raw_pixel_size(monkeypatch, cap, side):
     assert res["raw_pixel_knn_top1"] == knn_top1(xtr, ytr, xte, yte, num_classes=10, k=200, temperature=0.07)
 
 
+def _no_cuda(*args, **kwargs):
+    raise AssertionError("CUDA was initialised by a CPU run")
+
+
 def test_cpu_training_on_a_gpu_machine_never_starts_cuda(monkeypatch, tmp_path):
-    """train.device=cpu where CUDA is available: training, checkpoints and the kNN evaluation leave the GPU alone.
-
-    Not the linear probe: torch's own Adam/AdamW ``step()`` asks the current CUDA stream whether it is being
-    captured whenever CUDA is available (``Optimizer._cuda_graph_capture_health_check``, torch 2.14)."""
-    def no_cuda(*args, **kwargs):
-        raise AssertionError("CUDA was initialised by a CPU run")
-
+    """train.device=cpu where CUDA is available: training, checkpoints and the default evaluation (kNN and the
+    linear probe, whose AdamW is training.optim.AdamW) leave the GPU alone."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "_lazy_init", no_cuda)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", _no_cuda)
     cfg = resolve_config(tree={"data": {"name": "digits"}}, overrides=[
         "train.device=cpu", "data.image_size=8", "train.batch_size=128", "train.epochs=1", "train.max_steps=2",
-        "train.progress=false", "eval.linear=false", f"train.output={tmp_path}"])
+        "train.progress=false", f"train.output={tmp_path}"])
     res = api.pretrain(cfg)
-    assert res["steps"] == 2 and 0 < res["knn_top1"] <= 1
+    assert res["steps"] == 2 and 0 < res["knn_top1"] <= 1 and 0 < res["linear_top1"] <= 1
     assert "cuda" not in load_checkpoint(tmp_path / "checkpoint.pt")["rng"]
+
+
+def test_adamw_steps_on_cpu_leave_cuda_alone_with_torchs_arithmetic(monkeypatch):
+    """torch's AdamW.step() initialises CUDA where it is available, even for CPU parameters (its graph-capture
+    check asks the current CUDA stream); training.optim.AdamW skips that check for CPU parameters only."""
+    from contrastive.config import OptimConfig
+    from contrastive.training.optim import AdamW, build_optimizer, param_groups
+
+    def run(make_optimizer):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+        opt = make_optimizer(model)
+        for step in range(3):
+            model(torch.randn(8, 6, generator=torch.Generator().manual_seed(step))).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return model.state_dict()
+
+    cfg = OptimConfig(name="adamw", lr=0.01, weight_decay=0.05)
+    theirs = run(lambda m: torch.optim.AdamW(param_groups(m, 0.05), lr=0.01, betas=tuple(cfg.betas)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", _no_cuda)
+    with pytest.raises(AssertionError, match="CUDA was initialised"):  # what torch's own does here
+        run(lambda m: torch.optim.AdamW(m.parameters()))
+    ours = run(lambda m: build_optimizer(m, cfg, 0.01))
+    assert all(torch.equal(ours[k], v) for k, v in theirs.items())
+    checked = []
+    monkeypatch.setattr(torch.optim.Optimizer, "_accelerator_graph_capture_health_check", lambda o: checked.append(o))
+    AdamW([nn.Parameter(torch.zeros(3, device="meta"))])._accelerator_graph_capture_health_check()
+    AdamW([nn.Parameter(torch.zeros(3))])._accelerator_graph_capture_health_check()
+    assert len(checked) == 1  # parameters off the CPU (meta standing in for a GPU) keep torch's check
