@@ -560,6 +560,23 @@ def test_checkpoint_state_is_on_the_cpu(meta_world, monkeypatch, tmp_path):
     assert all(t.device.type == "cpu" for t in tensors)
 
 
+def test_encoder_pt_state_is_on_the_cpu(meta_world, monkeypatch, tmp_path):
+    """encoder.pt as api.pretrain writes it from the trained method, here on a non-CPU (meta) device: every
+    tensor in the file is a CPU copy, so a plain torch.load works on a machine without the run's GPU."""
+    trainer = _meta_trainer(tmp_path, "moco-v2")
+    encoder_state = trainer.method.encoder().state_dict()
+    assert encoder_state and all(t.is_meta for t in encoder_state.values())
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t: torch.empty_like(t, device="cpu") if t.is_meta else real_cpu(t))
+    pre = Preprocess.for_dataset(trainer.dataset, trainer.cfg.views.size)
+    api.save_encoder(trainer.method, trainer.cfg, trainer.context, pre, tmp_path / "encoder.pt")
+    raw = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    assert list(raw["state_dict"]) == list(encoder_state)  # the encoder's weights and buffers, all of them
+    tensors = [t for t in tree_leaves(raw) if isinstance(t, torch.Tensor)]
+    assert len(tensors) == len(encoder_state) and all(t.device.type == "cpu" for t in tensors)
+    assert all(raw["state_dict"][k].shape == v.shape for k, v in encoder_state.items())
+
+
 # ------------------------------------------------------------------------------------------------------------
 # resuming in another precision
 
