@@ -169,3 +169,16 @@ def test_the_memory_check_measures_every_view_of_every_group(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="stop"):
         trainer.check_memory()
     assert seen["sizes"] == [16, 16, 8, 8, 8] and seen["n_global"] == 2
+
+
+def test_a_views_field_the_method_groups_set_per_group_is_refused_when_changed():
+    """BYOL's groups set blur per view (1.0 / 0.1): views.blur_p=0 would be silently ignored, so it is refused;
+    left at its default, or equal to every group's value, it is fine."""
+    groups = lambda side: [{"count": 1, "blur_p": 1.0}, {"count": 1, "blur_p": 0.1}]  # noqa: E731
+    with pytest.raises(ConfigError, match=r"views.blur_p=0.3 would be ignored.*give views.groups"):
+        view_groups(ViewConfig(blur_p=0.3), 16, groups)
+    assert [g.view.blur_p for g in view_groups(ViewConfig(), 16, groups)] == [1.0, 0.1]
+    same = lambda side: [{"count": 2, "blur_p": 0.3}]  # noqa: E731
+    assert view_groups(ViewConfig(blur_p=0.3), 16, same)[0].view.blur_p == 0.3
+    # the config's own groups are the user's: their fields override the views section as documented
+    assert view_groups(ViewConfig(blur_p=0.3, groups=[{"count": 2, "blur_p": 0.9}]), 16)[0].view.blur_p == 0.9

@@ -121,6 +121,8 @@ def view_groups(cfg: ViewConfig, in_size: int,
                           f"views.groups a count instead")
     given = cfg.groups if cfg.groups is not None else method_groups(cfg.size or in_size)
     where = "views.groups" if cfg.groups is not None else "the method's view groups"
+    if cfg.groups is None:
+        _refuse_overridden(cfg, given)
     if not isinstance(given, list) or not given:
         raise ConfigError(f"{where}: expected a non-empty list of groups such as [{{count: 2}}], got {given!r}")
     groups = []
@@ -153,6 +155,19 @@ def view_groups(cfg: ViewConfig, in_size: int,
     groups.sort(key=lambda g: not g.is_global)  # stable: global groups first, each side in its given order
     global_size(groups, in_size, where)
     return groups
+
+
+def _refuse_overridden(cfg: ViewConfig, method_groups: list[dict]) -> None:
+    """A views field set away from its default that a method's paper groups set per group would be ignored:
+    refuse it, naming both, rather than train with what the user did not ask for."""
+    defaults = ViewConfig()
+    for name in GROUP_FIELDS:
+        mine = getattr(cfg, name)
+        theirs = [g[name] for g in method_groups if isinstance(g, dict) and name in g]
+        if theirs and mine != getattr(defaults, name) and any(v != mine for v in theirs):
+            raise ConfigError(f"views.{name}={mine!r} would be ignored: the method's view groups set {name} per "
+                              f"group ({', '.join(repr(v) for v in theirs)}); to change it, give views.groups "
+                              f"(the method's groups are in its docs and recipes)")
 
 
 def global_size(groups: list[ViewGroup], in_size: int, where: str = "views.groups") -> int:
