@@ -1,6 +1,6 @@
 """CIFAR-10 on a CPU, one row per method: training images/s and the kNN / linear-probe accuracy a fixed budget
 buys, for our pipeline and, side by side where lightly has the parts, for the same recipe built from lightly
-1.6's building blocks (SimCLR, MoCo v2).
+1.6's building blocks (SimCLR, MoCo v2, BYOL).
 
 Run (see benchmarks/README.md for the environment):
     .venv-bench/bin/python benchmarks/cifar10_cpu.py                                # SimCLR, ours, 4 epochs
@@ -45,7 +45,7 @@ from contrastive import api
 from contrastive.config import Config, method_config, resolve_config
 from contrastive.data import load_splits
 from contrastive.data.preprocess import Preprocess
-from contrastive.data.views import jitter_amounts
+from contrastive.data.views import jitter_amounts, run_view_groups, view_groups
 from contrastive.nn.backbones import build_backbone
 from contrastive.training.optim import build_optimizer
 from contrastive.training.schedules import lr_at, scaled_lr
@@ -60,7 +60,7 @@ HELD_OUT_PER_CLASS = 500
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 BACKBONE_NOTE = ("backbone small_cnn instead of the recipe's resnet18: resnet18 trains at only ~20 images/s "
                  "on this 2-core CPU, too slow for a benchmark of minutes")
-LIGHTLY_METHODS = ("simclr", "moco-v2")  # methods with a lightly side-by-side (run_lightly)
+LIGHTLY_METHODS = ("simclr", "moco-v2", "byol")  # methods with a lightly side-by-side (run_lightly)
 
 
 def recipe(method: str) -> Path:
@@ -199,6 +199,59 @@ def _lightly_moco_v2(cfg: Config, backbone: torch.nn.Module, feature_dim: int):
     return model, transform, step, model_momentum, pipeline
 
 
+def _lightly_byol(cfg: Config, backbone: torch.nn.Module, feature_dim: int):
+    """lightly's BYOL example: BYOLProjectionHead, BYOLPredictionHead, deep-copied target updated with
+    update_momentum at cosine_schedule's coefficient before each forward, NegativeCosineSimilarity, and
+    BYOLTransform's two views set to the recipe's groups (blur and solarize per view)."""
+    import copy
+
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+    from lightly.utils.scheduler import cosine_schedule
+
+    method = method_config(cfg)
+    first, second = (g.view for g in view_groups(cfg.views, 32, run_view_groups(cfg)))
+
+    def view(cls, v):
+        jb, jc, js, jh = jitter_amounts(v)
+        return cls(input_size=32, cj_prob=v.jitter_p, cj_bright=jb, cj_contrast=jc, cj_sat=js, cj_hue=jh,
+                   min_scale=v.crop_scale[0], random_gray_scale=v.grayscale_p, gaussian_blur=v.blur_p,
+                   solarization_prob=v.solarize_p, hf_prob=v.hflip_p,
+                   normalize={"mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)})
+
+    transform = BYOLTransform(view_1_transform=view(BYOLView1Transform, first),
+                              view_2_transform=view(BYOLView2Transform, second))
+    projector = BYOLProjectionHead(feature_dim, method.hidden_dim, method.projection_dim)
+    predictor = BYOLPredictionHead(method.projection_dim, method.hidden_dim, method.projection_dim)
+    model = torch.nn.ModuleDict({"backbone": backbone, "projector": projector, "predictor": predictor})
+    target = torch.nn.ModuleDict({"backbone": copy.deepcopy(backbone), "projector": copy.deepcopy(projector)})
+    deactivate_requires_grad(target)
+    criterion = NegativeCosineSimilarity()
+    state = {"step": 0, "total": None}
+
+    def step(x0, x1):
+        m = cosine_schedule(state["step"], state["total"], method.momentum, 1.0)
+        update_momentum(model["backbone"], target["backbone"], m=m)
+        update_momentum(model["projector"], target["projector"], m=m)
+        state["step"] += 1
+        p0 = model["predictor"](model["projector"](model["backbone"](x0)))
+        p1 = model["predictor"](model["projector"](model["backbone"](x1)))
+        with torch.no_grad():
+            z0 = target["projector"](target["backbone"](x0))
+            z1 = target["projector"](target["backbone"](x1))
+        # ours minimises (2 - 2 cos) + (2 - 2 cos); lightly's example halves -cos. Twice the sum of -cos has
+        # our gradient, so the optimiser sees the same problem (the loss is ours minus 4).
+        return 2 * (criterion(p0, z1) + criterion(p1, z0))
+
+    pipeline = ("torchvision ImageFolder + lightly BYOLTransform (BYOLView1Transform / BYOLView2Transform at the "
+                "recipe's groups) in a DataLoader (2 workers, JPEG decoded every epoch), BYOLProjectionHead, "
+                "BYOLPredictionHead, deep-copied target with update_momentum(cosine_schedule), "
+                "NegativeCosineSimilarity (x2, our gradient scale), as lightly's BYOL example")
+    return model, transform, step, target, pipeline, state
+
+
 def run_lightly(cfg: Config, split: Path) -> dict:
     import lightly
     from torchvision.datasets import ImageFolder
@@ -206,8 +259,8 @@ def run_lightly(cfg: Config, split: Path) -> dict:
     # Same seed, then the backbone first, as api.pretrain does: both modes start from identical weights.
     torch.manual_seed(cfg.seed)
     backbone, feature_dim = build_backbone(cfg.backbone, in_channels=3, image_size=32)
-    build = {"simclr": _lightly_simclr, "moco-v2": _lightly_moco_v2}[cfg.method["name"]]
-    model, transform, train_step, momentum_model, pipeline = build(cfg, backbone, feature_dim)
+    build = {"simclr": _lightly_simclr, "moco-v2": _lightly_moco_v2, "byol": _lightly_byol}[cfg.method["name"]]
+    model, transform, train_step, momentum_model, pipeline, *schedule = build(cfg, backbone, feature_dim)
     dataset = ImageFolder(str(split / "train"), transform=transform)
     batch = cfg.train.batch_size
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=2)
@@ -217,6 +270,8 @@ def run_lightly(cfg: Config, split: Path) -> dict:
     optimizer = build_optimizer(model, cfg.optim, peak_lr)
     steps_per_epoch = len(loader)
     total_steps = cfg.train.epochs * steps_per_epoch
+    for state in schedule:  # a momentum schedule over the run's steps (BYOL)
+        state["total"] = total_steps
 
     model.train()
     if momentum_model is not None:

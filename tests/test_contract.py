@@ -36,8 +36,10 @@ class Probe(Method):
         self.register_buffer("seen", torch.zeros(ctx.dataset_size))  # how often each sample was trained on
         self.register_buffer("noise", torch.zeros(()))
         self.batches: list[Batch] = []
+        self.train_calls: list[bool] = []  # the mode of every train() call on the method itself
 
     def train(self, mode: bool = True):
+        self.train_calls.append(mode)
         super().train(mode)
         self.frozen.eval()  # a teacher's batch norm stays frozen whatever the trainer does
         return self
@@ -79,6 +81,7 @@ def _trainer(cfg):
 
 def test_the_batch_carries_indices_and_labels_and_updates_reach_after_step(tmp_path):
     trainer, data = _trainer(_cfg(tmp_path, "train.epochs=2"))
+    trainer.method.train_calls.clear()
     trainer.fit()
     m = trainer.method
     assert (m.ctx.dataset_size, m.ctx.num_classes, m.ctx.batch_size, m.ctx.world_size) == (1437, 10, 128, 1)
@@ -90,10 +93,28 @@ def test_the_batch_carries_indices_and_labels_and_updates_reach_after_step(tmp_p
     flat = torch.cat([b.index for b in m.batches[:11]])
     assert len(set(flat.tolist())) == 11 * 128
     assert m.seen.sum() == 22 * 128 and m.seen.max() <= 2
-    assert not m.frozen.training and m.backbone.training  # the method's train() decided, once
+    # the method's train() decided, and was asked once for the whole 2-epoch run: a call per epoch (or per
+    # step) would hand the mode back to the trainer
+    assert m.train_calls == [True]
+    assert not m.frozen.training and m.backbone.training
     # the progress log reads the loss from StepOutput.loss even when metrics hold no "loss"
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"loss", "h_mean"} <= set(header)
+
+
+def test_the_progress_bar_shows_the_last_logged_loss_of_a_method_without_a_loss_metric(tmp_path, capsys):
+    """The Probe reports only h_mean: the bar's loss is StepOutput.loss, from the last log row (step 10 of 13)."""
+    trainer, _ = _trainer(_cfg(tmp_path, "train.epochs=2", "train.max_steps=13", "train.log_every=5",
+                               "train.progress=true"))
+    trainer.fit()
+    err = capsys.readouterr().err  # tqdm writes to stderr
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    col = rows[0].split(",")
+    losses = {int(r.split(",")[col.index("step")]): float(r.split(",")[col.index("loss")]) for r in rows[1:]}
+    assert sorted(losses) == [5, 10] and f"{losses[5]:.4f}" != f"{losses[10]:.4f}"
+    last = err.rstrip().split("\r")[-1]  # the bar as it was left: 13 of 22 steps, the postfix of step 10
+    assert "13/22" in last and f"loss={losses[10]:.4f}" in last, last
+    assert "h_mean" not in err  # the bar shows the loss, lr and speed, not the method's other metrics
 
 
 def test_resume_restores_buffers_and_per_step_randomness_exactly(tmp_path):
@@ -181,3 +202,30 @@ def test_encoder_pt_holds_cpu_tensors_and_rebuilds_the_evaluated_encoder(tmp_pat
     torch.testing.assert_close(encoder(x), from_ckpt(x))
     assert encoder(x).shape == (4, info["feature_dim"])
     assert not any(t.is_meta for t in encoder.state_dict().values())
+
+
+def test_each_build_backbone_call_makes_an_independent_encoder():
+    """CMC builds one encoder per view from one context: no shared parameter or buffer, its own random start,
+    and training one leaves the other as it was."""
+    ctx = BuildContext(channels=1, image_size=8, dataset_size=64, num_classes=10, batch_size=8, world_size=1,
+                       steps_per_epoch=8, epochs=1, backbone_section={"name": "small_cnn", "widths": [4, 8]})
+    torch.manual_seed(0)
+    (a, dim_a), (b, dim_b) = ctx.build_backbone(), ctx.build_backbone()
+    assert dim_a == dim_b == 8 and a is not b
+    tensors = lambda m: [*m.parameters(), *m.buffers()]  # noqa: E731
+    assert not {id(t) for t in tensors(a)} & {id(t) for t in tensors(b)}
+    assert not {t.untyped_storage().data_ptr() for t in tensors(a)} & {t.untyped_storage().data_ptr()
+                                                                         for t in tensors(b)}
+    weights = [n for n, p in a.named_parameters() if p.dim() > 1]
+    assert weights and all(not torch.equal(a.get_parameter(n), b.get_parameter(n)) for n in weights)
+    torch.manual_seed(0)
+    again, _ = ctx.build_backbone()  # the first of the pair, under the same seed
+    assert all(torch.equal(x, y) for x, y in zip(again.state_dict().values(), a.state_dict().values()))
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    opt = torch.optim.SGD(a.parameters(), lr=0.5)
+    a.train()
+    a(torch.randn(8, 1, 8, 8)).pow(2).mean().backward()  # batch-norm statistics move too
+    opt.step()
+    assert not torch.equal(a.state_dict()[weights[0]], again.state_dict()[weights[0]])
+    assert all(torch.equal(v, before[k]) for k, v in b.state_dict().items())
+    assert all(p.grad is None for p in b.parameters())

@@ -334,6 +334,52 @@ def test_a_training_step_on_an_accelerator_never_synchronises(monkeypatch, tmp_p
     assert checks[0] == {"_local_scalar_dense": 1}  # the log row's check: one read of the first bad step
 
 
+def _supervised_syncs(epochs: int, optimizer: str) -> collections.Counter:
+    """Host synchronisations of a whole fine-tuning loop (3 steps an epoch, clipping on, no metrics rows)."""
+    from contrastive.config import OptimConfig
+    from contrastive.evaluation.classifier import Classifier
+    from contrastive.evaluation.supervised import crop_flip_views, train_loop
+    from contrastive.nn.backbones import build_backbone
+
+    torch.manual_seed(0)
+    enc, dim = build_backbone({"name": "small_cnn", "widths": [4, 8]}, in_channels=3, image_size=16)
+    model = Classifier(enc, dim, 3)
+    targets = torch.arange(24) % 3
+    optim = OptimConfig(name=optimizer, lr=0.5, lr_scaling="none", weight_decay=1e-4, warmup_epochs=1, grad_clip=1.0)
+    views = crop_flip_views(Preprocess(3, 16, (0.5,) * 3, (0.25,) * 3), 16, [0.5, 1.0], 0.5)
+    with SyncCounter() as c:
+        train_loop(model, _images(24, 3, 16), lambda x, idx, step: F.cross_entropy(model(x), targets[idx]),
+                   epochs=epochs, batch_size=8, optim=optim, views=views, seed=0, device=torch.device("cpu"))
+    return c.counts
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_a_supervised_training_step_on_an_accelerator_never_synchronises(monkeypatch, optimizer):
+    """Fine-tuning's and distillation's loop: views, forward, backward, clipping, the optimiser and the non-finite
+    check add no host synchronisation per step; without metrics rows the host reads once, at the end. (AdamW is
+    left out: on CPU parameters its step counters are read with .item(); on a GPU they are host tensors.)"""
+    monkeypatch.setattr(augment, "by_index", lambda x: False)
+    # 3 and 9 steps: the views' per-device constants once (mean and std; crop and flip need no jitter ranges),
+    # one read of the first non-finite step at the end
+    assert _supervised_syncs(1, optimizer) == _supervised_syncs(3, optimizer) == {"lift_fresh": 2,
+                                                                                  "_local_scalar_dense": 1}
+
+
+def test_distillations_labelled_batch_never_synchronises(monkeypatch):
+    from contrastive.evaluation.distill import labelled_batch
+    from contrastive.evaluation.supervised import DeviceRows, crop_flip_views
+
+    monkeypatch.setattr(augment, "by_index", lambda x: False)
+    rows = DeviceRows(_images(30, 3, 16), torch.arange(30) % 4, device=torch.device("cpu"))
+    views = crop_flip_views(Preprocess(3, 16, (0.5,) * 3, (0.25,) * 3), 16, [0.5, 1.0], 0.5)
+    labelled_batch(rows, 6, views, 0, 0)  # the views' per-device constants
+    with SyncCounter() as c:
+        for step in range(1, 4):
+            labelled_batch(rows, 6, views, 0, step)
+    assert c.counts == {}
+    _on_cpu(guarded(labelled_batch, rows, 6, views, 0, 4))  # the draw and the view are made where the rows are
+
+
 @pytest.mark.parametrize("log_every", [1, 100])
 def test_a_non_finite_loss_is_reported_at_its_step_and_never_saved(tmp_path, log_every):
     trainer = _trainer(tmp_path, "train.epochs=1", "train.max_steps=8", f"train.log_every={log_every}",
@@ -522,6 +568,23 @@ def test_checkpoint_state_is_on_the_cpu(meta_world, monkeypatch, tmp_path):
     assert all(t.device.type == "cpu" for t in tensors)
 
 
+def test_encoder_pt_state_is_on_the_cpu(meta_world, monkeypatch, tmp_path):
+    """encoder.pt as api.pretrain writes it from the trained method, here on a non-CPU (meta) device: every
+    tensor in the file is a CPU copy, so a plain torch.load works on a machine without the run's GPU."""
+    trainer = _meta_trainer(tmp_path, "moco-v2")
+    encoder_state = trainer.method.encoder().state_dict()
+    assert encoder_state and all(t.is_meta for t in encoder_state.values())
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t: torch.empty_like(t, device="cpu") if t.is_meta else real_cpu(t))
+    pre = Preprocess.for_dataset(trainer.dataset, trainer.cfg.views.size)
+    api.save_encoder(trainer.method, trainer.cfg, trainer.context, pre, tmp_path / "encoder.pt")
+    raw = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    assert list(raw["state_dict"]) == list(encoder_state)  # the encoder's weights and buffers, all of them
+    tensors = [t for t in tree_leaves(raw) if isinstance(t, torch.Tensor)]
+    assert len(tensors) == len(encoder_state) and all(t.device.type == "cpu" for t in tensors)
+    assert all(raw["state_dict"][k].shape == v.shape for k, v in encoder_state.items())
+
+
 # ------------------------------------------------------------------------------------------------------------
 # resuming in another precision
 
@@ -611,19 +674,49 @@ def test_raw_pixel_baseline_is_at_most_raw_pixel_size(monkeypatch, cap, side):
     assert res["raw_pixel_knn_top1"] == knn_top1(xtr, ytr, xte, yte, num_classes=10, k=200, temperature=0.07)
 
 
+def _no_cuda(*args, **kwargs):
+    raise AssertionError("CUDA was initialised by a CPU run")
+
+
 def test_cpu_training_on_a_gpu_machine_never_starts_cuda(monkeypatch, tmp_path):
-    """train.device=cpu where CUDA is available: training, checkpoints and the kNN evaluation leave the GPU alone.
-
-    Not the linear probe: torch's own Adam/AdamW ``step()`` asks the current CUDA stream whether it is being
-    captured whenever CUDA is available (``Optimizer._cuda_graph_capture_health_check``, torch 2.14)."""
-    def no_cuda(*args, **kwargs):
-        raise AssertionError("CUDA was initialised by a CPU run")
-
+    """train.device=cpu where CUDA is available: training, checkpoints and the default evaluation (kNN and the
+    linear probe, whose AdamW is training.optim.AdamW) leave the GPU alone."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "_lazy_init", no_cuda)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", _no_cuda)
     cfg = resolve_config(tree={"data": {"name": "digits"}}, overrides=[
         "train.device=cpu", "data.image_size=8", "train.batch_size=128", "train.epochs=1", "train.max_steps=2",
-        "train.progress=false", "eval.linear=false", f"train.output={tmp_path}"])
+        "train.progress=false", f"train.output={tmp_path}"])
     res = api.pretrain(cfg)
-    assert res["steps"] == 2 and 0 < res["knn_top1"] <= 1
+    assert res["steps"] == 2 and 0 < res["knn_top1"] <= 1 and 0 < res["linear_top1"] <= 1
     assert "cuda" not in load_checkpoint(tmp_path / "checkpoint.pt")["rng"]
+
+
+def test_adamw_steps_on_cpu_leave_cuda_alone_with_torchs_arithmetic(monkeypatch):
+    """torch's AdamW.step() initialises CUDA where it is available, even for CPU parameters (its graph-capture
+    check asks the current CUDA stream); training.optim.AdamW skips that check for CPU parameters only."""
+    from contrastive.config import OptimConfig
+    from contrastive.training.optim import AdamW, build_optimizer, param_groups
+
+    def run(make_optimizer):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+        opt = make_optimizer(model)
+        for step in range(3):
+            model(torch.randn(8, 6, generator=torch.Generator().manual_seed(step))).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return model.state_dict()
+
+    cfg = OptimConfig(name="adamw", lr=0.01, weight_decay=0.05)
+    theirs = run(lambda m: torch.optim.AdamW(param_groups(m, 0.05), lr=0.01, betas=tuple(cfg.betas)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", _no_cuda)
+    with pytest.raises(AssertionError, match="CUDA was initialised"):  # what torch's own does here
+        run(lambda m: torch.optim.AdamW(m.parameters()))
+    ours = run(lambda m: build_optimizer(m, cfg, 0.01))
+    assert all(torch.equal(ours[k], v) for k, v in theirs.items())
+    checked = []
+    monkeypatch.setattr(torch.optim.Optimizer, "_accelerator_graph_capture_health_check", lambda o: checked.append(o))
+    AdamW([nn.Parameter(torch.zeros(3, device="meta"))])._accelerator_graph_capture_health_check()
+    AdamW([nn.Parameter(torch.zeros(3))])._accelerator_graph_capture_health_check()
+    assert len(checked) == 1  # parameters off the CPU (meta standing in for a GPU) keep torch's check

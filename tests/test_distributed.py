@@ -85,6 +85,40 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.rank() == 0 and distributed.world_size() == 1 and distributed.is_main()
     assert distributed.gather_with_grad(x) is x
     assert distributed.all_reduce_mean(x) is x
+    y = torch.tensor([[3, -1], [7, 2]])
+    for collective in (distributed.all_gather, distributed.all_reduce_sum, distributed.all_reduce_min,
+                       distributed.broadcast):
+        assert collective(y) is y and y.tolist() == [[3, -1], [7, 2]], collective.__name__
+    assert distributed.broadcast(y, src=0) is y and distributed.any_rank(True, torch.device("cpu"))
+
+
+def _collectives(out_dir: str) -> None:
+    """Each collective on values that differ by rank; what every rank ends with goes to rank<r>.pt."""
+    distributed.init_from_env(torch.device("cpu"), timeout_s=60)
+    r = distributed.rank()
+    summed = torch.tensor([1.0, 2.0]) * (r + 1)  # [1, 2] and [2, 4]
+    low = torch.tensor([5 - 3 * r, r + 1])  # [5, 1] and [2, 2]
+    from_0 = torch.full((3,), 10.0 * r + 1)  # [1, 1, 1] and [11, 11, 11]
+    from_1 = torch.tensor([r + 7])  # [7] and [8]
+    res = {"gather": distributed.all_gather(torch.arange(4).view(2, 2) + 100 * r),
+           "sum_in_place": distributed.all_reduce_sum(summed) is summed,
+           "min_in_place": distributed.all_reduce_min(low) is low,
+           "broadcast_in_place": distributed.broadcast(from_0) is from_0,
+           "from_1": distributed.broadcast(from_1, src=1),
+           "mean": distributed.all_reduce_mean(torch.tensor([2.0 * r + 1])), "world": distributed.world_size()}
+    torch.save({**res, "sum": summed, "min": low, "from_0": from_0}, os.path.join(out_dir, f"rank{r}.pt"))
+
+
+def test_collectives_give_exact_values_over_two_processes(tmp_path):
+    run_as_torchrun(_collectives, str(tmp_path))
+    for r in range(2):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        assert res["world"] == 2
+        assert res["gather"].tolist() == [[0, 1], [2, 3], [100, 101], [102, 103]]  # rank order, rows kept
+        assert res["sum"].tolist() == [3.0, 6.0] and res["min"].tolist() == [2, 1]
+        assert res["from_0"].tolist() == [1.0, 1.0, 1.0] and res["from_1"].tolist() == [8]
+        assert res["mean"].tolist() == [2.0]
+        assert res["sum_in_place"] and res["min_in_place"] and res["broadcast_in_place"]
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ contrastive, and encoder.pt loads into the plain torchvision model."""
 import json
 import subprocess
 import sys
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -13,13 +14,14 @@ import torchvision
 from torch import nn
 
 from contrastive import api
-from contrastive.config import Config
+from contrastive.config import Config, recipe_dir, resolve_config
 from contrastive.data.labels import choose
 from contrastive.data.preprocess import Preprocess
 from contrastive.evaluation.classifier import Classifier, backbone_source, save_classifier
 from contrastive.export import export
 from contrastive.methods.base import BuildContext
 from contrastive.nn.backbones import build_backbone
+from contrastive.nn.shuffle_bn import SplitBatchNorm
 
 PRE = Preprocess(3, 16, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
 
@@ -100,3 +102,54 @@ def test_encoder_pt_loads_into_plain_torchvision_resnet18(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(net.eval()(x), method.encoder().eval()(x))
+
+
+def _moco_v2_encoder_pt(path):
+    """moco-v2 as its digits recipe builds it (SplitBatchNorm in 8 groups), with running statistics that are not
+    the initial 0 and 1, saved as encoder.pt; returns the encoder in eval mode."""
+    cfg = resolve_config(recipe=recipe_dir() / "moco-v2-digits.yaml")
+    ctx = BuildContext(channels=1, image_size=16, dataset_size=64, num_classes=10, batch_size=16, world_size=1,
+                       steps_per_epoch=4, epochs=1, backbone_section=dict(cfg.backbone))
+    torch.manual_seed(0)
+    method = api.build_method(cfg, ctx)
+    encoder = method.encoder()
+    splits = [m for m in encoder.modules() if isinstance(m, SplitBatchNorm)]
+    assert splits and all(m.num_splits == 8 for m in splits)
+    for m in splits:
+        m.running_mean.uniform_(-0.5, 0.5)
+        m.running_var.uniform_(0.5, 2.0)
+    api.save_encoder(method, cfg, ctx, Preprocess(1, 16, (0.3,), (0.2,)), path)
+    return encoder.eval()
+
+
+def test_moco_v2_encoder_exports_to_torchscript_with_plain_batch_norm(tmp_path):
+    expected_encoder = _moco_v2_encoder_pt(tmp_path / "encoder.pt")
+    res = export(tmp_path / "encoder.pt", "torchscript", tmp_path / "encoder-ts.pt")
+    assert res["output"] == "features" and res["max_abs_diff"] < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is marked deprecated
+        loaded = torch.jit.load(str(tmp_path / "encoder-ts.pt"))
+    kinds = {m.original_name for m in loaded.modules()}
+    assert "SplitBatchNorm" not in kinds and "PlainBatchNorm" in kinds
+    x = torch.randn(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))  # a batch size not traced
+    with torch.no_grad():
+        expected = expected_encoder(x)  # the method's own encoder: SplitBatchNorm in eval mode
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
+    assert expected.shape == (5, 256) and expected.std() > 0.1
+
+
+@pytest.mark.slow
+def test_moco_v2_encoder_exports_to_onnx_with_standard_operators(tmp_path):
+    import onnx
+    import onnxruntime
+
+    expected_encoder = _moco_v2_encoder_pt(tmp_path / "encoder.pt")
+    res = export(tmp_path / "encoder.pt", "onnx", tmp_path / "encoder.onnx")
+    assert res["max_abs_diff"] < 1e-4
+    graph = onnx.load(str(tmp_path / "encoder.onnx")).graph
+    assert graph.node and all(node.domain in ("", "ai.onnx") for node in graph.node)  # standard operators only
+    x = torch.randn(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    session = onnxruntime.InferenceSession(str(tmp_path / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, expected_encoder(x).numpy(), rtol=1e-4, atol=1e-4)

@@ -196,3 +196,81 @@ def test_lars_state_dict_round_trip_gives_identical_next_step():
     step(resumed, resumed_opt)
     for a, b in zip(net.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# a method's tagged parameter groups, the weight-decay schedule, per-parameter clipping
+
+
+class _Tagged(nn.Module):
+    """A body, a predictor at a fixed learning rate (SimSiam), and a head at a tenth of it without LARS."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        self.predictor = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def param_groups(self):
+        return [{"name": "body", "params": self.body.parameters()},
+                {"name": "predictor", "params": self.predictor.parameters(), "fixed_lr": True},
+                {"name": "head", "params": self.head.parameters(), "lr_scale": 0.1, "lars": False}]
+
+
+def test_declared_groups_keep_their_tags_and_split_off_biases_and_norms():
+    from contrastive.training.optim import set_step_values
+
+    net = _Tagged()
+    groups = {(g["name"], g["decay"]): g for g in param_groups(net, weight_decay=0.5)}
+    assert set(groups) == {("body", True), ("body", False), ("predictor", True), ("predictor", False),
+                           ("head", True), ("head", False)}
+    assert [id(p) for p in groups["body", True]["params"]] == [id(net.body[0].weight)]
+    assert {id(p) for p in groups["body", False]["params"]} == {id(net.body[0].bias), id(net.body[1].weight),
+                                                                id(net.body[1].bias)}
+    assert groups["head", True]["lars"] is False and groups["body", True]["lars"] is True
+    assert groups["head", True]["weight_decay"] == 0.5 and groups["head", False]["weight_decay"] == 0.0
+
+    opt = build_optimizer(net, OptimConfig(name="lars", weight_decay=0.5), lr=1.0)
+    set_step_values(opt, lr=0.3, peak_lr=2.0, weight_decay=0.7)
+    got = {(g["name"], g["decay"]): (g["lr"], g["weight_decay"]) for g in opt.param_groups}
+    assert got == {("body", True): (0.3, 0.7), ("body", False): (0.3, 0.0),
+                   ("predictor", True): (2.0, 0.7), ("predictor", False): (2.0, 0.0),
+                   ("head", True): (pytest.approx(0.03), 0.7), ("head", False): (pytest.approx(0.03), 0.0)}
+
+
+@pytest.mark.parametrize("groups, message", [
+    (lambda m: [{"name": "a", "params": m.body.parameters()}], "in no group"),
+    (lambda m: [{"name": "a", "params": m.parameters()}, {"name": "b", "params": m.head.parameters()}], "in both"),
+    (lambda m: [{"name": "a", "params": m.parameters(), "lr": 3}], "unknown tags"),
+])
+def test_declared_groups_must_cover_every_trainable_parameter_once(groups, message):
+    net = _Tagged()
+    net.param_groups = lambda: groups(net)
+    with pytest.raises(ValueError, match=message):
+        param_groups(net, 0.1)
+
+
+def test_weight_decay_schedule_is_a_cosine_from_start_to_end():
+    from contrastive.training.schedules import weight_decay_at
+
+    optim = OptimConfig(weight_decay=0.04, weight_decay_end=0.4)
+    assert weight_decay_at(0, total_steps=101, optim=optim) == pytest.approx(0.04)
+    assert weight_decay_at(50, total_steps=101, optim=optim) == pytest.approx(0.22)
+    assert weight_decay_at(100, total_steps=101, optim=optim) == pytest.approx(0.4)
+    assert weight_decay_at(50, total_steps=101, optim=OptimConfig(weight_decay=0.04)) == 0.04
+
+
+def test_per_parameter_clipping_bounds_each_tensor_and_leaves_small_ones():
+    from contrastive.training.optim import clip_gradients
+
+    net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    grads = [torch.full_like(p, v) for p, v in zip(net.parameters(), (10.0, 0.01, -5.0, 0.02))]
+    for p, g in zip(net.parameters(), grads):
+        p.grad = g.clone()
+    clip_gradients(net, 1.0, "per_parameter")
+    for p, g in zip(net.parameters(), grads):
+        norm = g.norm().item()
+        expected = g * (1.0 / (norm + 1e-6)) if norm > 1.0 else g
+        assert torch.allclose(p.grad, expected, atol=1e-7)
+    assert net[0].weight.grad.norm().item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(net[0].bias.grad, grads[1])  # below the bound: untouched

@@ -7,20 +7,24 @@ import pytest
 import torch
 from torch import nn
 
-from contrastive.config import Config, OptimConfig
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from contrastive import api
+from contrastive.config import Config, OptimConfig, recipe_dir, resolve_config
 from contrastive.data.labels import choose, labels_sha256, parse_spec, read_labels, resolve, write_labels
 from contrastive.data.preprocess import Preprocess
-from contrastive.errors import ConfigError, DataError
+from contrastive.errors import ConfigError, DataError, NonFiniteLossError
 from contrastive.evaluation.classifier import (Classifier, encoder_from, head_layers, load_classifier,
                                                plain_batchnorm, pretrained_source, save_classifier, stage_config,
                                                stage_recipe)
-from contrastive.evaluation.distill import DistillConfig, labelled_share
+from contrastive.evaluation.distill import DistillConfig, labelled_batch, labelled_share
 from contrastive.evaluation.finetune import FinetuneConfig
-from contrastive.evaluation.supervised import crop_flip_views, epoch_batches, train_loop
+from contrastive.evaluation.supervised import DeviceRows, crop_flip_views, epoch_batches, train_loop
 from contrastive.losses import distillation_loss
-from contrastive.methods.base import BuildContext
+from contrastive.methods.base import STREAM_LOADER, BuildContext, step_seed
 from contrastive.nn.backbones import build_backbone
-from contrastive.registry import lookup
+from contrastive.registry import lookup, names
+from contrastive.training.schedules import lr_at
 
 
 def _labels(counts):
@@ -119,6 +123,66 @@ def test_fine_tuning_from_the_first_projector_layer_builds_backbone_plus_that_la
         encoder_from(inst, 1)
 
 
+def _library_methods() -> list[str]:
+    """Every method the library registers (not the ones tests register for themselves)."""
+    import contrastive.methods  # noqa: F401  (fills the method registry)
+
+    return sorted(n for n in names("methods") if lookup("methods", n).build.__module__.startswith("contrastive."))
+
+
+# the first layer of each method's head as its digits (simclr-v2: CIFAR-10) recipe builds it
+FIRST_LAYER = {"simclr": ["Linear", "BatchNorm1d", "ReLU"], "simclr-v2": ["Linear", "BatchNorm1d", "ReLU"],
+               "moco-v1": ["Linear"], "moco-v2": ["Linear", "ReLU"], "moco-v3": ["Linear", "BatchNorm1d", "ReLU"],
+               "instdisc": ["Linear"], "invaspread": ["Linear"], "swav": ["Linear", "BatchNorm1d", "ReLU"]}
+
+
+def _from_recipe(name: str):
+    """``name`` built from its digits recipe (else CIFAR-10's) for 16 px images, with running statistics
+    that are not the initial 0 and 1, in eval mode; and the number of channels."""
+    recipe = next(p for p in (recipe_dir() / f"{name}-{d}.yaml" for d in ("digits", "cifar10")) if p.is_file())
+    cfg = resolve_config(recipe=recipe)
+    channels = 1 if recipe.stem.endswith("digits") else 3
+    ctx = BuildContext(channels=channels, image_size=16, dataset_size=64, num_classes=10, batch_size=8,
+                       world_size=1, steps_per_epoch=4, epochs=2, backbone_section=cfg.backbone)
+    torch.manual_seed(0)
+    method = api.build_method(cfg, ctx)
+    for m in method.modules():
+        if isinstance(m, _BatchNorm) and m.track_running_stats:
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return method.eval(), channels
+
+
+def test_every_library_method_has_an_expected_first_layer():
+    assert sorted(FIRST_LAYER) == _library_methods(), "add the new method's first head layer to FIRST_LAYER"
+
+
+@pytest.mark.parametrize("name", _library_methods())
+def test_every_method_fine_tunes_from_its_encoder_or_its_heads_first_layer(name):
+    """encoder_from(method, 0) is the evaluated encoder; k = 1 is that encoder and the head's first Linear with
+    the modules up to the next Linear, the pretrained modules themselves, computing what they compute by hand."""
+    method, channels = _from_recipe(name)
+    head = list(method.projection_head())
+    assert isinstance(head[0], nn.Linear)
+    end = next((i for i in range(1, len(head)) if isinstance(head[i], nn.Linear)), len(head))
+    assert [type(m).__name__ for m in head[:end]] == FIRST_LAYER[name]
+    x = torch.randn(5, channels, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        h = method.encoder()(x)  # by hand, before encoder_from makes any batch-norm subclass plain
+        z = h
+        for m in head[:end]:
+            z = m(z)
+    enc0, dim0 = encoder_from(method, 0)
+    enc1, dim1 = encoder_from(method, 1)
+    assert enc0 is method.encoder() and dim0 == method.feature_dim == h.shape[1]
+    assert isinstance(enc1, nn.Sequential) and len(enc1) == 2 and enc1[0] is enc0
+    assert len(enc1[1]) == end and all(a is b for a, b in zip(enc1[1], head[:end]))
+    assert dim1 == head[0].out_features == z.shape[1]
+    with torch.no_grad():
+        assert torch.equal(enc0(x), h)
+        assert torch.equal(enc1(x), z)
+
+
 def test_classifier_file_rebuilds_the_same_model(tmp_path):
     method, cfg, ctx = _method("simclr-v2", hidden_dim=24, projection_dim=8)
     enc, dim = encoder_from(method, 1)
@@ -207,6 +271,51 @@ def test_training_loop_repeats_under_a_seed():
     assert res.steps == 3
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.fc.weight, c.fc.weight)
+
+
+@pytest.mark.parametrize("metrics", [False, True])
+def test_a_non_finite_loss_stops_the_loop_naming_its_step(tmp_path, metrics):
+    """Noted on the device at step 4 (epoch 1 of 3-step epochs), read at the next metrics row or at the end."""
+    torch.manual_seed(0)
+    enc, dim = build_backbone({"name": "small_cnn", "widths": [4, 8]}, in_channels=3, image_size=16)
+    model = Classifier(enc, dim, 3)
+    images = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    targets = torch.arange(24) % 3
+    steps = []
+
+    def loss_fn(x, idx, step):
+        steps.append(step)
+        loss = nn.functional.cross_entropy(model(x), targets[idx])
+        return loss + float("nan") if step == 4 else loss
+
+    optim = OptimConfig(name="sgd", lr=0.5, lr_scaling="none", weight_decay=0.0, warmup_epochs=0)
+    lr = lr_at(4, total_steps=9, steps_per_epoch=3, optim=optim, peak=0.5)  # the bad step's, not the last one's
+    assert lr != lr_at(8 if not metrics else 5, total_steps=9, steps_per_epoch=3, optim=optim, peak=0.5)
+    with pytest.raises(NonFiniteLossError, match=rf"the loss became nan at epoch 1, step 4 \(lr {lr:.4g}\); lower"):
+        train_loop(model, images, loss_fn, epochs=3, batch_size=8, optim=optim, seed=0, device=torch.device("cpu"),
+                   views=crop_flip_views(Preprocess(3, 16, (0.5,) * 3, (0.25,) * 3), 16, [0.5, 1.0], 0.5),
+                   metrics=tmp_path / "metrics.csv" if metrics else None)
+    # with a row after every step it stops at once, writing no row for the bad step; without rows, at the end
+    assert steps == list(range(5 if metrics else 9))
+    if metrics:
+        rows = (tmp_path / "metrics.csv").read_text().splitlines()
+        assert [int(r.split(",")[1]) for r in rows[1:]] == [1, 2, 3, 4]
+
+
+def test_distillations_labelled_batch_is_the_seeded_draw_without_copies():
+    """On the CPU the draw is the one made before the rows were kept on the device: a randperm seeded by (seed,
+    step), its first ``size`` rows, their view from a second seeded stream."""
+    images = torch.randint(0, 256, (30, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    labels = torch.arange(30) % 4
+    views = crop_flip_views(Preprocess(3, 12, (0.5,) * 3, (0.25,) * 3), 16, [0.3, 1.0], 0.5)
+    rows = DeviceRows(images, labels, device=torch.device("cpu"))
+    assert rows.home == torch.device("cpu") and len(rows) == 30
+    for step in (0, 7):
+        x, y = labelled_batch(rows, 6, views, 3, step)
+        pick = torch.randperm(30, generator=torch.Generator().manual_seed(step_seed(3, step, 0, STREAM_LOADER)))[:6]
+        (expected,) = views(images[pick], torch.Generator().manual_seed(step_seed(3, step, 1, STREAM_LOADER)))
+        assert torch.equal(x, expected) and torch.equal(y, labels[pick]) and x.shape == (6, 3, 12, 12)
+    assert not torch.equal(labelled_batch(rows, 6, views, 3, 0)[1], labelled_batch(rows, 6, views, 3, 7)[1])
 
 
 def test_crop_flip_views_have_no_colour_changes():

@@ -196,8 +196,9 @@ def test_paper_views_are_2x224_and_6x96_multi_crop():
             0.8, 1.0, None, 0.2, 0.5, 0.5)
     # cv2's 23-tap kernel and sigma 0.1-2 px on every crop, as src/multicropdataset.py: same pixels at 96
     assert loc.blur_sigma[1] * 96 / 224 == pytest.approx(2.0) and int(loc.blur_kernel_frac * 96) in (22, 23)
-    # the views section's own settings do not leak into the paper's groups
-    assert view_groups(ViewConfig(blur_p=0.0, jitter=[0.4, 0.4, 0.4, 0.1]), 224, paper_views)[1].view.blur_p == 0.5
+    # a views field the paper's groups set is refused rather than ignored
+    with pytest.raises(ConfigError, match="views.grayscale_p=0.0 would be ignored"):
+        view_groups(ViewConfig(grayscale_p=0.0), 224, paper_views)
     views = TensorViews(ViewConfig(), [0.5] * 3, [0.25] * 3, 3, in_size=32, method_groups=paper_views)
     out = views(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.Generator().manual_seed(0))
     assert [v.shape[-1] for v in out] == [32, 32] + [14] * 6 and views.n_global == 2

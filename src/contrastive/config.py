@@ -77,8 +77,8 @@ class ViewConfig:
     solarize_p: float = _f(0.0, "Solarize probability (BYOL uses it; SimCLR does not).")
     groups: list | None = _f(None, "View groups, for views that differ (BYOL's asymmetric pair, SwAV's and DINO's "
                              "multi-crop): a list of mappings, each with `count` (views of the group), `global` "
-                             "(a global view: DINO's teacher and SwAV's codes see only these; default: true when the "
-                             "group sets no size of its own) and any of the fields above from size to solarize_p "
+                             "(a global view: DINO's teacher and SwAV's codes see only these; default: true for the "
+                             "groups of the largest size) and any of the fields above from size to solarize_p "
                              "that differ from them. Global groups come first in the batch and share one size, "
                              "which evaluation uses. None: the method's own groups (see its docs), else n_views "
                              "views of the fields above.")

@@ -108,7 +108,8 @@ def view_groups(cfg: ViewConfig, in_size: int,
     ``cfg.groups`` when set; else ``method_groups(side)`` (a method's paper groups, for global views of
     ``side = cfg.size or in_size``; local sizes in proportion) when given; else one global
     group of ``cfg.n_views`` views. A group's fields default to the views section's; a group sets ``global``,
-    or is global when it sets no size of its own. Global groups must share one side, the global size
+    or is global when its side is the largest of all groups (multi-crop's large crops; local ones are
+    smaller). Global groups must share one side, the global size
     (:func:`global_size`). ConfigErrors name ``views.groups[i].<field>``.
     """
     check_view_config(cfg)
@@ -120,6 +121,8 @@ def view_groups(cfg: ViewConfig, in_size: int,
                           f"views.groups a count instead")
     given = cfg.groups if cfg.groups is not None else method_groups(cfg.size or in_size)
     where = "views.groups" if cfg.groups is not None else "the method's view groups"
+    if cfg.groups is None:
+        _refuse_overridden(cfg, given)
     if not isinstance(given, list) or not given:
         raise ConfigError(f"{where}: expected a non-empty list of groups such as [{{count: 2}}], got {given!r}")
     groups = []
@@ -134,8 +137,8 @@ def view_groups(cfg: ViewConfig, in_size: int,
         count = group.get("count", 1)
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise ConfigError(f"{at}.count: expected an integer >= 1, got {count!r}")
-        is_global = group.get("global", group.get("size") is None)
-        if not isinstance(is_global, bool):
+        is_global = group.get("global")
+        if is_global is not None and not isinstance(is_global, bool):
             raise ConfigError(f"{at}.global: expected true or false, got {is_global!r}")
         try:
             from contrastive.config import build_dataclass, to_dict
@@ -146,9 +149,25 @@ def view_groups(cfg: ViewConfig, in_size: int,
         except ConfigError as e:
             raise ConfigError(f"{at}: {e}") from None
         groups.append(ViewGroup(count, is_global, view))
+    largest = max(g.view.size or in_size for g in groups)  # unmarked groups of the largest side are global
+    groups = [g if g.is_global is not None else dataclasses.replace(g, is_global=(g.view.size or in_size) == largest)
+              for g in groups]
     groups.sort(key=lambda g: not g.is_global)  # stable: global groups first, each side in its given order
     global_size(groups, in_size, where)
     return groups
+
+
+def _refuse_overridden(cfg: ViewConfig, method_groups: list[dict]) -> None:
+    """A views field set away from its default that a method's paper groups set per group would be ignored:
+    refuse it, naming both, rather than train with what the user did not ask for."""
+    defaults = ViewConfig()
+    for name in GROUP_FIELDS:
+        mine = getattr(cfg, name)
+        theirs = [g[name] for g in method_groups if isinstance(g, dict) and name in g]
+        if theirs and mine != getattr(defaults, name) and any(v != mine for v in theirs):
+            raise ConfigError(f"views.{name}={mine!r} would be ignored: the method's view groups set {name} per "
+                              f"group ({', '.join(repr(v) for v in theirs)}); to change it, give views.groups "
+                              f"(the method's groups are in its docs and recipes)")
 
 
 def global_size(groups: list[ViewGroup], in_size: int, where: str = "views.groups") -> int:

@@ -113,18 +113,16 @@ def distill(teacher: str | Path, student: dict, data: DataConfig, output: str | 
     # a step's labelled batch: the labelled images' share of a batch (at least one image)
     per_step = 0 if labelled is None else labelled_share(len(labelled[0]), len(images), batch)
 
+    rows = None if labelled is None else supervised.DeviceRows(*labelled, device=dev)
+
     def loss_fn(x: torch.Tensor, idx: torch.Tensor, step: int) -> torch.Tensor:
         with torch.no_grad():
             t = teacher_model(x)  # [n, classes], on the very view the student sees
         loss = distillation_loss(model(x), t, cfg.temperature)
-        if labelled is None:
+        if rows is None:
             return loss
-        lab_x, lab_y = labelled
-        g = torch.Generator().manual_seed(step_seed(seed, step, 0, STREAM_LOADER))
-        pick = torch.randperm(len(lab_x), generator=g)[:per_step]
-        vg = torch.Generator(device=dev).manual_seed(step_seed(seed, step, 1, STREAM_LOADER))
-        (lx,) = views(lab_x[pick].to(dev), vg)
-        ce = F.cross_entropy(model(lx), lab_y[pick].to(dev))
+        lx, ly = labelled_batch(rows, per_step, views, seed, step)
+        ce = F.cross_entropy(model(lx), ly)
         return (1 - cfg.label_weight) * loss + cfg.label_weight * ce
 
     log.info("distilling into %s on %d unlabeled images of %s, %d epochs, temperature %g", student["name"],
@@ -181,6 +179,18 @@ def _describe(source: dict) -> dict:
         return {"kind": "pretrained", "method": cfg["method"]["name"], "backbone": cfg["backbone"],
                 "from_layer": source["from_layer"]}
     return {"kind": "backbone", "backbone": source["section"]}
+
+
+def labelled_batch(rows: supervised.DeviceRows, size: int, views, seed: int,
+                   step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's labelled batch on ``rows.device``: one crop-and-flip view each of ``size`` labelled images and
+    their labels, drawn without replacement from a generator seeded by (seed, step) where the rows are kept
+    (``rows.home``), so drawing them copies nothing between host and device."""
+    g = torch.Generator(device=rows.home).manual_seed(step_seed(seed, step, 0, STREAM_LOADER))
+    pick = torch.randperm(len(rows), generator=g, device=rows.home)[:size]
+    images, labels = rows.take(pick)
+    (x,) = views(images, torch.Generator(device=rows.device).manual_seed(step_seed(seed, step, 1, STREAM_LOADER)))
+    return x, labels
 
 
 def labelled_share(n_labelled: int, n_unlabeled: int, batch: int) -> int:

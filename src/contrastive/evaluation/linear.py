@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from contrastive.errors import DataError
 from contrastive.evaluation.features import check_labelled
+from contrastive.training.optim import AdamW
 
 
 def _accuracy(model: nn.Module, feats: Tensor, labels: Tensor) -> float:
@@ -69,8 +70,9 @@ def linear_probe(
     # on the seed only through the batch order, and leave the global RNG untouched.
     nn.init.zeros_(model.weight)
     nn.init.zeros_(model.bias)
-    optimizer = torch.optim.AdamW([{"params": [model.weight], "weight_decay": weight_decay},
-                                   {"params": [model.bias], "weight_decay": 0.0}], lr=lr)
+    # torch's AdamW, which on CPU features leaves a machine's GPU alone (see training.optim.AdamW)
+    optimizer = AdamW([{"params": [model.weight], "weight_decay": weight_decay},
+                       {"params": [model.bias], "weight_decay": 0.0}], lr=lr)
     generator = torch.Generator().manual_seed(seed)
     n = x_train.shape[0]
     for epoch in range(epochs):

@@ -26,11 +26,10 @@ class SplitBatchNorm(_BatchNorm):
     """Batch norm over ``num_splits`` contiguous chunks of the batch, each with its own statistics.
 
     Training: [N, C, ...] -> each chunk of N / num_splits samples normalised by its own mean and (biased)
-    variance; the running statistics move by the mean over chunks of what each chunk's BatchNorm would have
-    contributed (the MoCo demo's rule). Evaluation: plain batch norm with the running statistics.
-    The groups are formed by views, never copies: [s, N/s * H * W, C] for a channels-last image batch,
-    [s, N/s, C, rest] otherwise; one reduction gives every group's statistics and one fused multiply-add
-    normalises the whole batch.
+    variance, by torch's own batch-norm kernel on that chunk (a view, never a copy), forward and backward;
+    the running statistics move by the mean over chunks of what each chunk's BatchNorm would have contributed
+    (the MoCo demo's rule: each chunk updates a copy of them, and the copies are averaged). Evaluation: plain
+    batch norm with the running statistics.
     """
 
     def __init__(self, num_features: int, num_splits: int, **kw):
@@ -42,36 +41,27 @@ class SplitBatchNorm(_BatchNorm):
             raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s, n, c = self.num_splits, x.shape[0], x.shape[1]
+        s, n = self.num_splits, x.shape[0]
         if not self.training:
             return super().forward(x)
         # one group takes the same code as several: a process holding one group computes bit for bit what a
         # process holding two computes for each of them
         if n % s:
             raise ValueError(f"a batch of {n} cannot be split into {s} batch-norm groups")
-        nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        if nhwc:
-            grouped, reduce, shape = x.permute(0, 2, 3, 1).reshape(s, -1, c), (1,), (s, 1, c)  # [s, N/s*H*W, C]
-        else:
-            grouped, reduce, shape = x.reshape(s, n // s, c, -1), (1, 3), (s, 1, c, 1)  # [s, N/s, C, rest]
-        var, mean = torch.var_mean(grouped.float(), dim=reduce, correction=0, keepdim=True)
-        scale = torch.rsqrt(var + self.eps)
-        if self.affine:
-            scale = scale * self.weight.view(shape[1:])
-        shift = -mean * scale
-        if self.affine:
-            shift = shift + self.bias.view(shape[1:])
-        y = torch.addcmul(shift.to(x.dtype), grouped, scale.to(x.dtype))
-        y = y.view(n, x.shape[2], x.shape[3], c).permute(0, 3, 1, 2) if nhwc else y.view_as(x)
-        if self.track_running_stats:
+        track = self.track_running_stats
+        if track:
+            self.num_batches_tracked.add_(1)
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            means = self.running_mean.expand(s, -1).clone()  # [s, C]: a copy per group, averaged after
+            variances = self.running_var.expand(s, -1).clone()
+        chunks = [F.batch_norm(chunk, means[j] if track else None, variances[j] if track else None, self.weight,
+                               self.bias, True, m if track else 0.0, self.eps)
+                  for j, chunk in enumerate(x.chunk(s))]
+        if track:
             with torch.no_grad():
-                count = grouped.numel() // (s * c)  # values per channel in a group
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
-                unbiased = var.reshape(s, c) * (count / max(count - 1, 1))
-                self.running_mean.mul_(1 - m).add_(mean.reshape(s, c).mean(0).to(self.running_mean.dtype), alpha=m)
-                self.running_var.mul_(1 - m).add_(unbiased.mean(0).to(self.running_var.dtype), alpha=m)
-                self.num_batches_tracked.add_(1)
-        return y
+                self.running_mean.copy_(means.mean(0))
+                self.running_var.copy_(variances.mean(0))
+        return chunks[0] if s == 1 else torch.cat(chunks)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_splits={self.num_splits}"

@@ -26,6 +26,29 @@ _NORM_LAYERS = (
 )
 
 
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, except that a step whose parameters are all on the CPU leaves CUDA alone.
+
+    torch's Adam and AdamW begin every ``step()`` by asking the current accelerator stream whether it is being
+    captured into a CUDA graph (``Optimizer._accelerator_graph_capture_health_check`` in torch 2.14,
+    ``_cuda_graph_capture_health_check`` in earlier releases) whenever CUDA is available, whatever the
+    parameters' device; asking initialises CUDA, so a CPU run on a machine with a GPU would make a CUDA context
+    there. No argument or context of torch skips the check. CPU parameters cannot be in a CUDA graph, so for
+    them it is skipped; parameters anywhere else get torch's check. The arithmetic is torch's own.
+    """
+
+    def _on_cpu(self) -> bool:
+        return all(p.device.type == "cpu" for group in self.param_groups for p in group["params"])
+
+    def _accelerator_graph_capture_health_check(self) -> None:
+        if not self._on_cpu():
+            super()._accelerator_graph_capture_health_check()
+
+    def _cuda_graph_capture_health_check(self) -> None:  # the check's name before torch 2.14's
+        if not self._on_cpu():
+            super()._cuda_graph_capture_health_check()
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Split the trainable parameters into a decayed, LARS-adapted group and an exempt one, for each group the
     model declares (``Method.param_groups``: tags ``lr_scale``, ``fixed_lr``, ``lars``, ``decay``, ``name``).
@@ -109,7 +132,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=False)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+        return AdamW(groups, lr=lr, betas=tuple(cfg.betas))
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta)
     raise ConfigError(f"optim.name: unknown optimiser {cfg.name!r}; choose sgd, adamw or lars")
