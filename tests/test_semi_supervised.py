@@ -133,7 +133,8 @@ def _library_methods() -> list[str]:
 # the first layer of each method's head as its digits (simclr-v2: CIFAR-10) recipe builds it
 FIRST_LAYER = {"simclr": ["Linear", "BatchNorm1d", "ReLU"], "simclr-v2": ["Linear", "BatchNorm1d", "ReLU"],
                "moco-v1": ["Linear"], "moco-v2": ["Linear", "ReLU"], "moco-v3": ["Linear", "BatchNorm1d", "ReLU"],
-               "instdisc": ["Linear"], "invaspread": ["Linear"], "swav": ["Linear", "BatchNorm1d", "ReLU"]}
+               "instdisc": ["Linear"], "invaspread": ["Linear"], "swav": ["Linear", "BatchNorm1d", "ReLU"],
+               "byol": ["Linear", "BatchNorm1d", "ReLU"], "simsiam": ["Linear", "BatchNorm1d", "ReLU"]}
 
 
 def _from_recipe(name: str):

@@ -180,5 +180,7 @@ def test_a_views_field_the_method_groups_set_per_group_is_refused_when_changed()
     assert [g.view.blur_p for g in view_groups(ViewConfig(), 16, groups)] == [1.0, 0.1]
     same = lambda side: [{"count": 2, "blur_p": 0.3}]  # noqa: E731
     assert view_groups(ViewConfig(blur_p=0.3), 16, same)[0].view.blur_p == 0.3
+    # views.size is the global side the method's groups are built from, never a conflict with their local sizes
+    assert view_shapes(view_groups(ViewConfig(size=24), 16, _paper_groups), 16) == ([24, 24, 12, 12, 12], 2)
     # the config's own groups are the user's: their fields override the views section as documented
     assert view_groups(ViewConfig(blur_p=0.3, groups=[{"count": 2, "blur_p": 0.9}]), 16)[0].view.blur_p == 0.9

@@ -161,7 +161,7 @@ def _refuse_overridden(cfg: ViewConfig, method_groups: list[dict]) -> None:
     """A views field set away from its default that a method's paper groups set per group would be ignored:
     refuse it, naming both, rather than train with what the user did not ask for."""
     defaults = ViewConfig()
-    for name in GROUP_FIELDS:
+    for name in GROUP_FIELDS[1:]:  # not size: views.size is the global side the groups are built from
         mine = getattr(cfg, name)
         theirs = [g[name] for g in method_groups if isinstance(g, dict) and name in g]
         if theirs and mine != getattr(defaults, name) and any(v != mine for v in theirs):
