@@ -134,7 +134,8 @@ def _library_methods() -> list[str]:
 FIRST_LAYER = {"simclr": ["Linear", "BatchNorm1d", "ReLU"], "simclr-v2": ["Linear", "BatchNorm1d", "ReLU"],
                "moco-v1": ["Linear"], "moco-v2": ["Linear", "ReLU"], "moco-v3": ["Linear", "BatchNorm1d", "ReLU"],
                "instdisc": ["Linear"], "invaspread": ["Linear"], "swav": ["Linear", "BatchNorm1d", "ReLU"],
-               "byol": ["Linear", "BatchNorm1d", "ReLU"], "simsiam": ["Linear", "BatchNorm1d", "ReLU"]}
+               "byol": ["Linear", "BatchNorm1d", "ReLU"], "simsiam": ["Linear", "BatchNorm1d", "ReLU"],
+               "dino": ["Linear", "BatchNorm1d", "GELU"]}
 
 
 def _from_recipe(name: str):
@@ -182,6 +183,8 @@ def test_every_method_fine_tunes_from_its_encoder_or_its_heads_first_layer(name)
     with torch.no_grad():
         assert torch.equal(enc0(x), h)
         assert torch.equal(enc1(x), z)
+    # fine-tuning trains all of it, an EMA teacher's copy (DINO evaluates its teacher) included
+    assert all(p.requires_grad for p in enc1.parameters())
 
 
 def test_classifier_file_rebuilds_the_same_model(tmp_path):

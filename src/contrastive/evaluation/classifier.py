@@ -95,7 +95,7 @@ def encoder_from(method: Method, from_layer: int) -> tuple[nn.Module, int]:
     """
     if from_layer < 0:
         raise ConfigError(f"--from-layer {from_layer}: give 0 (the encoder) or a projection-head layer >= 1")
-    backbone = plain_batchnorm(method.encoder())
+    backbone = _trainable(plain_batchnorm(method.encoder()))
     if from_layer == 0:
         return backbone, method.feature_dim
     head = method.projection_head()
@@ -108,7 +108,16 @@ def encoder_from(method: Method, from_layer: int) -> tuple[nn.Module, int]:
         raise ConfigError(f"--from-layer {from_layer}: the projection head of this {name} has {len(layers)} "
                           f"layer(s); choose 0 (the encoder) to {len(layers)}")
     kept = layers[:from_layer]
-    return nn.Sequential(backbone, *kept), kept[-1][0].out_features
+    return nn.Sequential(backbone, *(_trainable(layer) for layer in kept)), kept[-1][0].out_features
+
+
+def _trainable(module: nn.Module) -> nn.Module:
+    """``module``, its parameters trainable when none is: an EMA copy (DINO's teacher, which ``encoder()``
+    evaluates) is frozen only because no optimiser steps it, and fine-tuning trains it. A module with some
+    trainable parameters keeps its frozen ones frozen (MoCo v3's fixed random patch projection)."""
+    if not any(p.requires_grad for p in module.parameters()):
+        module.requires_grad_(True)
+    return module
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,8 +1,11 @@
-"""Heads on top of backbone features: a plain MLP builder and the papers' projection heads."""
+"""Heads on top of backbone features: a plain MLP builder, the papers' projection heads and DINO's head."""
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 from contrastive.errors import ConfigError
 
@@ -54,3 +57,48 @@ def projection_head(
         out_bn.bias.requires_grad_(False)  # center=False: the shift stays 0, the scale learns
         head.append(out_bn)
     return head
+
+
+class DINOHead(nn.Module):
+    """DINO's head (Caron et al. 2021, Sec. 3.1): [B, in_dim] features -> [B, out_dim] logits.
+
+    "The projection head consists of a 3-layer multi-layer perceptron (MLP) with hidden dimension 2048 followed
+    by ℓ2 normalization and a weight normalized fully connected layer with K dimensions." As
+    facebookresearch/dino ``vision_transformer.py`` ``DINOHead``: Linear layers with bias, GELU between them
+    (BatchNorm1d before each GELU with ``use_bn``, the option for ConvNets), the last one to ``bottleneck_dim``
+    (256); the MLP's weights drawn from a normal of std 0.02 truncated at +-2, biases 0. The last layer has
+    no bias and is weight-normalised, W = g v / ||v|| row by row, with g starting at 1 and, with
+    ``norm_last_layer``, frozen there, so every prototype stays a unit vector.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 num_layers: int = 3, use_bn: bool = False, norm_last_layer: bool = True):
+        super().__init__()
+        if min(in_dim, out_dim, hidden_dim, bottleneck_dim, num_layers) < 1:
+            raise ConfigError(f"a DINO head needs positive sizes and at least 1 layer, got in_dim={in_dim}, "
+                              f"out_dim={out_dim}, hidden_dim={hidden_dim}, bottleneck_dim={bottleneck_dim}, "
+                              f"num_layers={num_layers}")
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+            linear = nn.Linear(d_in, d_out)
+            nn.init.trunc_normal_(linear.weight, std=0.02, a=-2.0, b=2.0)
+            nn.init.zeros_(linear.bias)
+            layers.append(linear)
+            if i < len(dims) - 2:
+                layers += [nn.BatchNorm1d(d_out)] if use_bn else []
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        # PyTorch's default Linear initialisation for v, as the official head (made after its trunc-normal pass)
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        g = self.last_layer.parametrizations.weight.original0  # [out_dim, 1]; original1 is v [out_dim, bottleneck]
+        with torch.no_grad():
+            g.fill_(1.0)
+        g.requires_grad_(not norm_last_layer)
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, in_dim] -> [B, bottleneck_dim], the L2-normalised MLP output the last layer reads."""
+        return F.normalize(self.mlp(x), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(self.bottleneck(x))

@@ -128,6 +128,17 @@ def is_vision_transformer(module: nn.Module) -> bool:
     return timm_vit is not None and isinstance(module, timm_vit.VisionTransformer)
 
 
+def without_drop_path(module: nn.Module) -> nn.Module:
+    """Turn stochastic depth off in ``module``'s timm blocks, in place, and return it: DINO's teacher is a copy of
+    the student without it (main_dino.py builds the teacher with no ``drop_path_rate``). A no-op without timm."""
+    layers = sys.modules.get("timm.layers")
+    if layers is not None:
+        for m in module.modules():
+            if isinstance(m, layers.DropPath):
+                m.drop_prob = 0.0
+    return module
+
+
 def _builder(name: str):
     def build(cfg: ViTConfig, *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
         return _build(name, cfg, in_channels=in_channels, image_size=image_size)
