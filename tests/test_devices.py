@@ -254,6 +254,12 @@ def test_views_on_an_accelerator_never_synchronise(monkeypatch):
     assert masked.counts == {}
 
 
+def test_views_index_only_on_the_cpu():
+    # the masked path above is forced; this is the choice that sends every accelerator to it
+    assert augment.by_index(torch.empty(1))
+    assert not augment.by_index(torch.empty(1, device="meta"))
+
+
 CONFIGS = [dict(jitter_strength=0.5), ALL_ON, dict(ALL_ON, jitter=[0.4, 0.4, 0.4, 0.4], blur_kernel_frac=0.4)]
 
 
