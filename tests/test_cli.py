@@ -106,6 +106,15 @@ def test_console_script_entry_point():
     assert out.returncode == 0 and "pretrain" in out.stdout and "embed" in out.stdout
 
 
+def test_pretrain_help_names_every_method_and_backbone(capsys):
+    from contrastive.cli import parser
+    from contrastive.registry import names
+    text = " ".join(parser()._subparsers._group_actions[0].choices["pretrain"].format_help().split())
+    for name in names("methods") + names("backbones"):
+        assert name in text, name
+    assert "dino" in names("methods") and "vit_tiny" in names("backbones")
+
+
 def test_unreadable_checkpoint_is_named(tmp_path, capsys):
     bad = tmp_path / "garbage.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -21,6 +21,7 @@ from contrastive import api, distributed
 from contrastive.config import (Config, DataConfig, backbone_config, build_dataclass, method_config, resolve_config,
                                 to_dict)
 from contrastive.errors import ConfigError, ContrastiveError
+from contrastive.registry import names
 from contrastive.training.checkpoint import load_checkpoint
 
 
@@ -47,12 +48,12 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pretrain a method, then evaluate it (kNN, linear probe, raw-pixel kNN)")
-    p.add_argument("--method", help="method name (simclr, simclr-v2); default simclr")
+    p.add_argument("--method", help=f"method name ({', '.join(names('methods'))}); default simclr")
     _data_flags(p, pretrain=True)
     p.add_argument("--config", help="YAML recipe; default configs/<method>-<dataset>.yaml when it exists")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--backbone", help="resnet18, resnet34, resnet50, small_cnn")
+    p.add_argument("--backbone", help=", ".join(names("backbones")))
     p.add_argument("--output", help="run folder (default runs/latest)")
     p.add_argument("--device", help="auto, cpu, cuda")
     p.add_argument("--seed", type=int)
