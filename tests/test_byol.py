@@ -229,3 +229,72 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
         assert all(torch.equal(s[k], t[k]) for k in s)
     # the target has moved away from its starting point, the online network, and from the online network itself
     assert not torch.equal(a["method"]["target_projector.0.weight"], a["method"]["projector.0.weight"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# two gloo processes, each with half the batch, against one process with all of it: a step and the target update
+
+
+def _bn_free_method() -> BYOL:
+    """BYOL without batch norm: BN normalises by the batch it sees (half the batch per process here, all of it
+    in one), so with BN the two runs would be different computations (the recipe syncs BN across GPUs)."""
+    torch.manual_seed(0)
+    method = BYOL(nn.Sequential(nn.Flatten(), nn.Linear(C * S * S, 24), nn.ReLU(), nn.Linear(24, 16)), 16,
+                  BYOLConfig(hidden_dim=32, projection_dim=8, momentum=0.9))
+    method.projector = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    method.predictor = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8))
+    from contrastive.nn.ema import momentum_copy
+
+    method.target_backbone = momentum_copy(method.backbone)
+    method.target_projector = momentum_copy(method.projector)
+    _perturb_target(method)
+    return method
+
+
+def _step(model: nn.Module, method: BYOL, views) -> torch.Tensor:
+    """One SGD step on ``views`` and the target update after it; returns the loss."""
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
+    loss = model(_batch(views), step=STEP).loss
+    loss.backward()
+    opt.step()
+    method.after_step({}, STEP)
+    return loss.detach()
+
+
+def _byol_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from contrastive import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        n = N // world
+        method = _bn_free_method()
+        ddp = DistributedDataParallel(method, **method.ddp_options)
+        loss = _step(ddp, method, [v[rank * n:(rank + 1) * n] for v in _views()])
+        torch.save({"loss": loss, "state": method.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    world = 2
+    mp.spawn(_byol_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    method = _bn_free_method()
+    start = {k: v.clone() for k, v in method.state_dict().items()}
+    loss = _step(method, method, _views())
+    # the loss is a mean over images, so the mean of the half-batch losses is the whole batch's
+    assert torch.stack([r["loss"] for r in ranks]).mean().item() == pytest.approx(loss.item(), rel=1e-6)
+    for k, v in method.state_dict().items():  # online weights after DDP's averaged gradients, and the target
+        for r in ranks:
+            torch.testing.assert_close(r["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    # the step and the target update both moved something, so equality above is not equality of untouched weights
+    assert not torch.allclose(method.state_dict()["target_projector.0.weight"], start["target_projector.0.weight"])
+    assert not torch.allclose(method.state_dict()["predictor.0.weight"], start["predictor.0.weight"])
