@@ -211,6 +211,14 @@ def test_logged_learning_rate_is_the_scaled_warmup_cosine_schedule(tmp_path, cap
         assert "expected time: " in caplog.text and "images/s over steps 2-11: the run's 20 steps take" in caplog.text
 
 
+@pytest.mark.parametrize("warmup, warned", [(3, True), (5, True), (2.9, False), (0, False)])
+def test_a_warm_up_as_long_as_the_run_is_named(tmp_path, caplog, warmup, warned):
+    with caplog.at_level("WARNING", logger="contrastive.train"):
+        _fit(_cfg(tmp_path, "train.epochs=3", f"optim.warmup_epochs={warmup}", "train.max_steps=1"))
+    said = f"optim.warmup_epochs={warmup:g} is as long as the run (train.epochs=3)" in caplog.text
+    assert said == warned and ("set optim.warmup_epochs below 3, e.g. 0.3" in caplog.text) == warned
+
+
 def test_bf16_autocast_runs_the_backbone_in_bf16_with_fp32_weights(tmp_path):
     from contrastive.data import load_splits
     from contrastive.training.trainer import Trainer

@@ -211,6 +211,11 @@ class Trainer:
         self.steps_per_epoch = len(dataset) // cfg.train.batch_size
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        if 0 < self.total_steps <= self.warmup_steps:
+            log.warning("optim.warmup_epochs=%g is as long as the run (train.epochs=%d): the learning rate only rises "
+                        "and never decays; set optim.warmup_epochs below %d, e.g. %g (a tenth of the run, as "
+                        "SimCLR warms up for 10 of 100 epochs)", cfg.optim.warmup_epochs, cfg.train.epochs,
+                        cfg.train.epochs, cfg.train.epochs / 10)
         self.peak_lr = scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_scaling)
         self.optimizer = build_optimizer(self.method, cfg.optim, self.peak_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
