@@ -109,7 +109,8 @@ def test_console_script_entry_point():
 def test_pretrain_help_names_every_method_and_backbone(capsys):
     from contrastive.cli import parser
     from contrastive.registry import names
-    text = " ".join(parser()._subparsers._group_actions[0].choices["pretrain"].format_help().split())
+    # without any whitespace: argparse wraps to the terminal's width and may break a name at its hyphen
+    text = "".join(parser()._subparsers._group_actions[0].choices["pretrain"].format_help().split())
     for name in names("methods") + names("backbones"):
         assert name in text, name
     assert "dino" in names("methods") and "vit_tiny" in names("backbones")
