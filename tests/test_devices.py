@@ -127,6 +127,9 @@ def _loss_examples():
         "dino_loss": lambda: ([z(6, 5) for _ in range(3)], [torch.randn(6, 5, generator=g) for _ in range(2)],
                               torch.zeros(1, 5), 0.1, 0.04),
         "center_update": lambda: (torch.zeros(1, 5), [torch.randn(6, 5, generator=g) for _ in range(2)], 0.9),
+        "contrastive_margin_loss": lambda: (z(6, 8), z(6, 8), torch.tensor([True, False] * 3), 1.0),
+        "triplet_loss": lambda: (z(6, 8), torch.tensor([0, 1, 0, 1, 2, 2]), 0.2, "semi-hard"),
+        "supcon_loss": lambda: (z(6, 8), torch.tensor([0, 1, 0, 1, 2, 2]), 0.1),
     }
 
 
