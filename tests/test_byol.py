@@ -2,19 +2,23 @@
 with the scheduled τ, the heads of Sec. 3.3, the paper's asymmetric views, 2 views only, and exact resume."""
 
 import math
+import os
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from contrastive import distributed
 from contrastive.config import ViewConfig, resolve_config
 from contrastive.data.views import TensorViews, view_groups
 from contrastive.errors import ConfigError
 from contrastive.losses import byol_loss
 from contrastive.methods.base import Batch, StepInfo
 from contrastive.methods.byol import BYOL, BYOLConfig
-from contrastive.nn.ema import momentum_at
+from contrastive.nn.ema import momentum_at, momentum_copy
 from contrastive.registry import lookup
+from multiprocess import run_as_torchrun
 
 N, C, S = 8, 3, 4  # images, channels, side of the toy views
 STEP = StepInfo(step=3, epoch=0, total_steps=10)
@@ -243,8 +247,6 @@ def _bn_free_method() -> BYOL:
                   BYOLConfig(hidden_dim=32, projection_dim=8, momentum=0.9))
     method.projector = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     method.predictor = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8))
-    from contrastive.nn.ema import momentum_copy
-
     method.target_backbone = momentum_copy(method.backbone)
     method.target_projector = momentum_copy(method.projector)
     _perturb_target(method)
@@ -261,32 +263,20 @@ def _step(model: nn.Module, method: BYOL, views) -> torch.Tensor:
     return loss.detach()
 
 
-def _byol_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import os
-
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    from contrastive import distributed
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        n = N // world
-        method = _bn_free_method()
-        ddp = DistributedDataParallel(method, **method.ddp_options)
-        loss = _step(ddp, method, [v[rank * n:(rank + 1) * n] for v in _views()])
-        torch.save({"loss": loss, "state": method.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        distributed.shutdown()
+def _byol_worker(out_dir: str) -> None:
+    distributed.init_from_env(torch.device("cpu"))
+    rank, world = distributed.rank(), distributed.world_size()
+    n = N // world
+    method = _bn_free_method()
+    ddp = DistributedDataParallel(method, **method.ddp_options)
+    loss = _step(ddp, method, [v[rank * n:(rank + 1) * n] for v in _views()])
+    torch.save({"loss": loss, "state": method.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
-    import torch.multiprocessing as mp
-
-    world = 2
-    mp.spawn(_byol_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    run_as_torchrun(_byol_worker, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     method = _bn_free_method()
     start = {k: v.clone() for k, v in method.state_dict().items()}
     loss = _step(method, method, _views())

@@ -57,8 +57,8 @@ def hardest(dist: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tor
     """Batch-hard mining: per anchor, (index of its farthest positive [n], of its nearest negative [n],
     valid [n]: the anchor has both)."""
     pos, neg = _label_masks(labels)
-    far_pos = torch.where(pos, dist, torch.full_like(dist, -1.0)).argmax(1)  # [n]
-    near_neg = torch.where(neg, dist, torch.full_like(dist, float("inf"))).argmin(1)  # [n]
+    far_pos = dist.masked_fill(~pos, -1.0).argmax(1)  # [n]
+    near_neg = dist.masked_fill(~neg, float("inf")).argmin(1)  # [n]
     return far_pos, near_neg, pos.any(1) & neg.any(1)
 
 
@@ -72,7 +72,7 @@ def semi_hard(dist: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     farther = neg[:, None, :] & (d_an > d_ap)  # [a, p, n]
     inf = torch.tensor(float("inf"), device=dist.device)
     nearest_farther = torch.where(farther, d_an, inf).argmin(2)  # [a, p]
-    farthest = torch.where(neg, dist, -inf).argmax(1)  # [a]
+    farthest = dist.masked_fill(~neg, float("-inf")).argmax(1)  # [a]
     chosen = torch.where(farther.any(2), nearest_farther, farthest[:, None])  # [a, p]
     return chosen, pos & neg.any(1, keepdim=True)
 
