@@ -130,6 +130,8 @@ def _loss_examples():
         "contrastive_margin_loss": lambda: (z(6, 8), z(6, 8), torch.tensor([True, False] * 3), 1.0),
         "triplet_loss": lambda: (z(6, 8), torch.tensor([0, 1, 0, 1, 2, 2]), 0.2, "semi-hard"),
         "supcon_loss": lambda: (z(6, 8), torch.tensor([0, 1, 0, 1, 2, 2]), 0.1),
+        "cpc_info_nce": lambda: (z(6, 8), z(10, 8), torch.tensor([0, 2, 4, 6, 8, 9])),
+        "cpc_accuracy": lambda: (z(6, 8), z(10, 8), torch.tensor([0, 2, 4, 6, 8, 9])),  # no gradient
     }
 
 

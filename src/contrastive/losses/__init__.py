@@ -1,5 +1,6 @@
 """Losses: pure functions, one family per file."""
 
+from contrastive.losses.cpc import cpc_accuracy, cpc_info_nce
 from contrastive.losses.dino import center_update, dino_loss
 from contrastive.losses.distill import distillation_loss
 from contrastive.losses.info_nce import info_nce_batch, info_nce_queue
@@ -10,6 +11,6 @@ from contrastive.losses.negative_cosine import byol_loss, negative_cosine
 from contrastive.losses.nt_xent import nt_xent
 from contrastive.losses.swav import sinkhorn, swav_loss
 
-__all__ = ["byol_loss", "center_update", "contrastive_margin_loss", "dino_loss", "distillation_loss",
+__all__ = ["byol_loss", "center_update", "contrastive_margin_loss", "cpc_accuracy", "cpc_info_nce", "dino_loss", "distillation_loss",
            "info_nce_batch", "info_nce_queue", "invariance_spread", "nce_loss", "nce_normaliser", "negative_cosine",
            "nonparametric_softmax", "nt_xent", "sinkhorn", "supcon_loss", "swav_loss", "triplet_loss"]
