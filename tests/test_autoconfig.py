@@ -153,3 +153,22 @@ def test_batch_search_respects_the_memory_estimate(free, monkeypatch, tmp_path):
     assert mem.need(batch) <= room
     assert batch == 512 or mem.need(2 * batch) > room
     assert (batch == 512) == (free == 10 * 2**30)
+
+
+@pytest.mark.parametrize("method", ["supcon", "cmc"])
+def test_methods_that_need_labels_or_colour_get_derived_settings_on_a_labelled_rgb_folder(tmp_path, method):
+    # the trial step of the batch search builds the method: it must know the folder's classes (SupCon refuses
+    # unlabeled data) and have statistics to build with (CMC un-normalises its views)
+    root = write_images(tmp_path / "small", 40, (32, 32), classes=("a", "b"))
+    cfg = resolve_config(tree={"method": {"name": method}, "data": {"name": str(root)}}, overrides=CPU)
+    assert cfg.train.batch_size == 8 and cfg.backbone["name"] == "small_cnn"
+    assert probe(DataConfig(name=str(root))).classes == 2
+
+
+def test_a_method_that_needs_labels_is_refused_on_an_unlabeled_folder_by_name(tmp_path):
+    from contrastive.errors import ConfigError
+
+    root = write_images(tmp_path / "flat", 40, (32, 32))
+    assert probe(DataConfig(name=str(root))).classes is None
+    with pytest.raises(ConfigError, match="method.name=supcon.*class sub-folders"):
+        resolve_config(tree={"method": {"name": "supcon"}, "data": {"name": str(root)}}, overrides=CPU)

@@ -2,6 +2,7 @@ import pytest
 
 from contrastive.config import (Config, apply_overrides, find_recipe, method_config, parse_override, recipe_dir,
                                 resolve_config)
+from contrastive.nn.audio import AUDIO_BACKBONES
 from contrastive.errors import ConfigError
 
 
@@ -70,14 +71,20 @@ def test_every_shipped_recipe_resolves_and_takes_a_training_step(name):
     dataset = name.removesuffix(".yaml").removeprefix(method_name).lstrip("-")
     if dataset:
         assert find_recipe(method_name, dataset).name == name
-    channels = 1 if ("mnist" in dataset or dataset == "digits") else 3
+    audio = cfg.backbone["name"] in AUDIO_BACKBONES  # waveform windows [n, 1, T]
+    channels = 1 if ("mnist" in dataset or dataset == "digits" or audio) else 3
     size = 64 if dataset == "stl10" else 16
     n = 8
+    if "patch_size" in cfg.method:  # CPC: a grid with a row below the largest offset, two images of it
+        m = cfg.method
+        size, n = max(size, m["patch_size"] + max(m["offsets"]) * m["patch_stride"]), 2
     ctx = BuildContext(channels=channels, image_size=size, dataset_size=64, num_classes=10, batch_size=n,
-                       world_size=1, steps_per_epoch=8, epochs=cfg.train.epochs, backbone_section=cfg.backbone)
+                       world_size=1, steps_per_epoch=8, epochs=cfg.train.epochs, backbone_section=cfg.backbone,
+                       mean=(0.5,) * channels, std=(0.25,) * channels)
     torch.manual_seed(0)
     method = build_method(cfg, ctx)
-    views = [torch.randn(n, channels, size, size) for _ in range(cfg.views.n_views)]
+    shape = (cfg.views.window,) if audio else (size, size)
+    views = [torch.randn(n, channels, *shape) for _ in range(cfg.views.n_views)]
     batch = Batch(views=views, index=torch.arange(n), label=torch.arange(n) % 2)
     info = StepInfo(step=0, epoch=0, total_steps=10, steps_per_epoch=8, epochs=cfg.train.epochs)
     out = method(batch, step=info)

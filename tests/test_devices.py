@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_leaves
 from contrastive import api, distributed, losses
 from contrastive.config import ViewConfig, recipe_dir, resolve_config
 from contrastive.data import augment, load_splits
+from contrastive.data.modality import data_modality
 from contrastive.data.preprocess import Preprocess
 from contrastive.data.views import TensorViews, eval_preprocess
 from contrastive.errors import ConfigError, NonFiniteLossError
@@ -112,6 +113,9 @@ def _loss_examples():
     unit = lambda *shape: F.normalize(torch.randn(*shape, generator=g), dim=1)  # noqa: E731
     return {
         "nt_xent": lambda: (z(6, 8), z(6, 8), 0.5),
+        "simcse_unsup": lambda: (z(6, 8), z(6, 8), 0.05),
+        "simcse_sup": lambda: (z(6, 8), z(6, 8), z(6, 8), 0.05),
+        "clip_loss": lambda: (z(6, 8), z(6, 8), torch.tensor(2.659).requires_grad_()),  # log(1 / 0.07)
         "info_nce_queue": lambda: (unit(6, 8).requires_grad_(), unit(6, 8), unit(32, 8), 0.2),
         "info_nce_batch": lambda: (z(6, 8), z(6, 8).detach(), 0.2),
         "invariance_spread": lambda: (unit(6, 8).requires_grad_(), unit(6, 8).requires_grad_(), 0.1),
@@ -130,8 +134,10 @@ def _loss_examples():
         "contrastive_margin_loss": lambda: (z(6, 8), z(6, 8), torch.tensor([True, False] * 3), 1.0),
         "triplet_loss": lambda: (z(6, 8), torch.tensor([0, 1, 0, 1, 2, 2]), 0.2, "semi-hard"),
         "supcon_loss": lambda: (z(6, 8), torch.tensor([0, 1, 0, 1, 2, 2]), 0.1),
+        "pairwise_margin_loss": lambda: (z(6, 8), torch.tensor([0, 1, 0, 1, 2, 2]), 1.0),
         "cpc_info_nce": lambda: (z(6, 8), z(10, 8), torch.tensor([0, 2, 4, 6, 8, 9])),
         "cpc_accuracy": lambda: (z(6, 8), z(10, 8), torch.tensor([0, 2, 4, 6, 8, 9])),  # no gradient
+        "cmc_info_nce": lambda: (unit(6, 8).requires_grad_(), unit(6, 8).requires_grad_(), 0.07),
     }
 
 
@@ -166,18 +172,21 @@ def _library_methods() -> list[str]:
 
 
 def _tiny_method(name: str, n: int = 8):
-    """The method built from its digits (else CIFAR-10) recipe for a batch of n images at 16 px, a batch
-    for it, and a StepInfo."""
-    recipe = next((p for p in (recipe_dir() / f"{name}-{d}.yaml" for d in ("digits", "cifar10")) if p.is_file()), None)
+    """The method built from its digits (else CIFAR-10, else spoken-digits) recipe for a batch of n images at
+    16 px (audio: windows of 1,280 samples), a batch for it, and a StepInfo."""
+    recipe = next((p for p in (recipe_dir() / f"{name}-{d}.yaml" for d in ("digits", "cifar10", "spoken-digits"))
+                   if p.is_file()), None)
     assert recipe is not None, f"{name} has no digits or cifar10 recipe; add configs/{name}-digits.yaml"
     cfg = resolve_config(recipe=recipe)
     channels = 1 if recipe.stem.endswith("digits") else 3
     ctx = BuildContext(channels=channels, image_size=16, dataset_size=64, num_classes=10, batch_size=n, world_size=1,
-                       steps_per_epoch=4, epochs=2, backbone_section=cfg.backbone)
+                       steps_per_epoch=4, epochs=2, backbone_section=cfg.backbone, mean=(0.5,) * channels,
+                       std=(0.25,) * channels)
     torch.manual_seed(0)
     method = api.build_method(cfg, ctx)
     g = torch.Generator().manual_seed(1)
-    views = [torch.randn(n, channels, 16, 16, generator=g) for _ in range(cfg.views.n_views)]
+    side = [1280] if data_modality(cfg.data) == "audio" else [16, 16]  # 16 frames of 80 samples
+    views = [torch.randn(n, channels, *side, generator=g) for _ in range(cfg.views.n_views)]
     batch = Batch(views=views, index=torch.randperm(64, generator=g)[:n], label=torch.arange(n) % 10)
     return method, batch, StepInfo(step=1, epoch=0, total_steps=8, steps_per_epoch=4, epochs=2)
 
@@ -205,6 +214,7 @@ _BACKBONE_SECTIONS = {"vit_tiny": {"position_embedding": "sincos", "patch_size":
 def test_every_backbone_stays_on_the_input_device():
     """forward and backward of every registered backbone, at its build size and (ViTs interpolate their
     position embedding) at another one."""
+    from contrastive.nn.audio import AUDIO_BACKBONES
     from contrastive.nn.backbones import build_backbone
 
     backbones = [n for n in names("backbones") if lookup("backbones", n).build.__module__.startswith("contrastive.")]
@@ -213,7 +223,8 @@ def test_every_backbone_stays_on_the_input_device():
         torch.manual_seed(0)
         model, dim = build_backbone({"name": name, **_BACKBONE_SECTIONS.get(name, {})}, in_channels=3, image_size=32)
         for side in (32, 48):
-            x = torch.randn(2, 3, side, side, requires_grad=True)
+            shape = (side * 40,) if name in AUDIO_BACKBONES else (side, side)  # waveforms, or images
+            x = torch.randn(2, 3, *shape, requires_grad=True)
             out = guarded(model, x)
             guarded(out.sum().backward)
             assert out.shape == (2, dim) and x.grad is not None, name
@@ -665,14 +676,16 @@ def test_compiled_training_does_not_recompile_after_step_2(monkeypatch, tmp_path
 
 @pytest.mark.parametrize("cap, side", [(8, 8), (None, 16), (32, 16)])
 def test_raw_pixel_baseline_is_at_most_raw_pixel_size(monkeypatch, cap, side):
+    from contrastive.evaluation import features
+
     seen = []
-    real = api.raw_pixel_features
+    real = features.raw_pixel_features
 
     def spy(ds, **kw):
         seen.append(kw["preprocess"].size)
         return real(ds, **kw)
 
-    monkeypatch.setattr(api, "raw_pixel_features", spy)
+    monkeypatch.setattr(features, "raw_pixel_features", spy)
     cfg = resolve_config(tree={"data": {"name": "digits"}},
                          overrides=["data.image_size=16", "eval.linear=false", f"eval.raw_pixel_size={cap or 'null'}"])
     splits = load_splits(cfg.data)

@@ -135,17 +135,22 @@ FIRST_LAYER = {"simclr": ["Linear", "BatchNorm1d", "ReLU"], "simclr-v2": ["Linea
                "moco-v1": ["Linear"], "moco-v2": ["Linear", "ReLU"], "moco-v3": ["Linear", "BatchNorm1d", "ReLU"],
                "instdisc": ["Linear"], "invaspread": ["Linear"], "swav": ["Linear", "BatchNorm1d", "ReLU"],
                "byol": ["Linear", "BatchNorm1d", "ReLU"], "simsiam": ["Linear", "BatchNorm1d", "ReLU"],
-               "dino": ["Linear", "BatchNorm1d", "GELU"]}
+               "dino": ["Linear", "BatchNorm1d", "GELU"], "cpc": ["Linear"], "siamese": ["Linear", "BatchNorm1d", "ReLU"],
+               "triplet": ["Linear", "BatchNorm1d", "ReLU"], "supcon": ["Linear", "ReLU"],
+               # None: no single head over the encoder's output (CMC: one per view; CPC on sound: none)
+               "cmc": None, "cpc-audio": None}
 
 
 def _from_recipe(name: str):
     """``name`` built from its digits recipe (else CIFAR-10's) for 16 px images, with running statistics
     that are not the initial 0 and 1, in eval mode; and the number of channels."""
-    recipe = next(p for p in (recipe_dir() / f"{name}-{d}.yaml" for d in ("digits", "cifar10")) if p.is_file())
+    recipe = next(p for p in (recipe_dir() / f"{name}-{d}.yaml" for d in ("digits", "cifar10", "spoken-digits"))
+                  if p.is_file())
     cfg = resolve_config(recipe=recipe)
     channels = 1 if recipe.stem.endswith("digits") else 3
     ctx = BuildContext(channels=channels, image_size=16, dataset_size=64, num_classes=10, batch_size=8,
-                       world_size=1, steps_per_epoch=4, epochs=2, backbone_section=cfg.backbone)
+                       world_size=1, steps_per_epoch=4, epochs=2, backbone_section=cfg.backbone,
+                       mean=(0.5,) * channels, std=(0.25,) * channels)
     torch.manual_seed(0)
     method = api.build_method(cfg, ctx)
     for m in method.modules():
@@ -164,6 +169,12 @@ def test_every_method_fine_tunes_from_its_encoder_or_its_heads_first_layer(name)
     """encoder_from(method, 0) is the evaluated encoder; k = 1 is that encoder and the head's first Linear with
     the modules up to the next Linear, the pretrained modules themselves, computing what they compute by hand."""
     method, channels = _from_recipe(name)
+    if FIRST_LAYER[name] is None:
+        assert method.projection_head() is None
+        with pytest.raises(ConfigError, match="--from-layer 0"):
+            encoder_from(method, 1)
+        assert encoder_from(method, 0)[1] == method.feature_dim
+        return
     head = list(method.projection_head())
     assert isinstance(head[0], nn.Linear)
     end = next((i for i in range(1, len(head)) if isinstance(head[i], nn.Linear)), len(head))

@@ -33,12 +33,12 @@ from contrastive.config import (
     to_dict,
 )
 from contrastive.data import load_splits
-from contrastive.data.preprocess import Preprocess
+from contrastive.data.modality import modality_of
+from contrastive.data.preprocess import AudioPreprocess, Preprocess
 from contrastive.data.views import run_view_size
 from contrastive.data.splits import seen_in_pretraining
 from contrastive.errors import CheckpointError, DataError
-from contrastive.evaluation import (extract_features, knn_device, knn_top1, linear_probe, raw_pixel_features,
-                                    save_embeddings)
+from contrastive.evaluation import extract_features, knn_device, knn_top1, linear_probe, save_embeddings
 from contrastive.machine import describe
 from contrastive.methods.base import BuildContext, Method
 from contrastive.registry import lookup
@@ -60,8 +60,8 @@ def build_method(cfg: Config, ctx: BuildContext) -> Method:
 
 def pretrain(cfg: Config) -> dict[str, Any]:
     """Pretrain ``cfg.method`` on ``cfg.data``, then (unless ``eval.enabled`` is off, or unset on data without
-    labels) evaluate the frozen backbone with the weighted kNN and the linear probe beside the raw-pixel kNN
-    baseline.
+    labels) evaluate the frozen backbone with the weighted kNN and the linear probe beside the baseline of the
+    data's modality (images: the raw-pixel kNN; audio: MFCC statistics).
 
     Writes into ``train.output``: config.yaml, checkpoint.pt, encoder.pt (backbone weights and their
     preprocessing), metrics.csv, results.json. Returns what results.json holds.
@@ -114,7 +114,7 @@ def _pretrain(cfg: Config) -> dict[str, Any]:
     t0 = time.perf_counter()
     trainer = Trainer(cfg, method, train_set, out)
     fit = trainer.fit()
-    preprocess = Preprocess.for_dataset(train_set, size)
+    preprocess = modality_of(train_set).preprocess(train_set, size)
     results: dict[str, Any] = {
         "method": cfg.method["name"],
         "backbone": cfg.backbone["name"],
@@ -157,7 +157,8 @@ def draw_curves(out: Path, results: dict[str, Any]) -> str | None:
 
 def evaluate_encoder(encoder: nn.Module, preprocess: Preprocess, train_set, test_set, cfg: Config,
                      *, note: str, protocols: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """kNN and/or linear probe of a frozen encoder, plus the raw-pixel kNN baseline, as one dict."""
+    """kNN and/or linear probe of a frozen encoder, plus the baseline of the data's modality (the raw-pixel kNN;
+    for audio the kNN and probe on MFCC statistics), as one dict."""
     e = cfg.eval
     if protocols is None:
         protocols = tuple(p for p, on in (("knn", e.knn), ("linear", e.linear)) if on)
@@ -165,6 +166,9 @@ def evaluate_encoder(encoder: nn.Module, preprocess: Preprocess, train_set, test
         if ds is None or not bool((ds.labels >= 0).all()):
             raise DataError(f"evaluation needs labelled {name} data ({note}); pass --train-data/--test-data "
                             f"with class sub-folders")
+    modality = modality_of(train_set)
+    for ds in (train_set, test_set):
+        modality.check_preprocess(preprocess, ds)
     device = resolve_device(cfg.train.device)
     num_classes = train_set.num_classes
     t0 = time.perf_counter()
@@ -172,13 +176,11 @@ def evaluate_encoder(encoder: nn.Module, preprocess: Preprocess, train_set, test
     for split, ds in (("train", train_set), ("test", test_set)):
         feats[split] = extract_features(encoder.to(device), ds, preprocess=preprocess, batch_size=e.batch_size,
                                         device=device)
-    # the raw-pixel baseline holds every image's pixels at once, as floats: at most eval.raw_pixel_size px
-    pixels = dataclasses.replace(preprocess, size=min(preprocess.size, e.raw_pixel_size or preprocess.size))
+    base = modality.baseline_key
     res: dict[str, Any] = {
         "evaluation": {"split": note, "train_images": len(train_set), "test_images": len(test_set),
                        "knn": {"k": e.knn_k, "temperature": e.knn_temperature, "similarity": "cosine"},
-                       "raw_pixel_baseline": f"the same kNN on the encoder's input at {pixels.size} px "
-                                             f"(resized, normalised pixels)",
+                       f"{base}_baseline": modality.describe_baseline(preprocess, e),
                        "linear": {"epochs": e.linear_epochs, "lr": e.linear_lr, "optimizer": "adamw",
                                   "features": "frozen, standardised"}},
         "feature_seconds": round(time.perf_counter() - t0, 2),
@@ -193,11 +195,18 @@ def evaluate_encoder(encoder: nn.Module, preprocess: Preprocess, train_set, test
                              device=device)
         res["linear_top1"] = probe["top1"]
         res["linear_train_top1"] = probe["train_top1"]
-    if e.raw_pixel_baseline and "knn" in protocols:
-        (ptr, _), (pte, _) = (raw_pixel_features(ds, preprocess=pixels, batch_size=e.batch_size, device=device)
-                              for ds in (train_set, test_set))
-        res["raw_pixel_knn_top1"] = knn_top1(ptr, ytr, pte, yte, num_classes=num_classes, k=e.knn_k,
-                                             temperature=e.knn_temperature, device=knn_device(ptr, device))
+    baseline = [p for p in protocols if p in modality.baseline_protocols] if e.raw_pixel_baseline else []
+    if baseline:
+        (btr, _), (bte, _) = (modality.baseline_features(ds, preprocess, e, device) for ds in (train_set, test_set))
+        if "knn" in baseline:
+            res[f"{base}_knn_top1"] = knn_top1(btr, ytr, bte, yte, num_classes=num_classes, k=e.knn_k,
+                                               temperature=e.knn_temperature, device=knn_device(btr, device))
+        if "linear" in baseline:
+            res[f"{base}_linear_top1"] = linear_probe(btr, ytr, bte, yte, num_classes=num_classes,
+                                                      epochs=e.linear_epochs, lr=e.linear_lr,
+                                                      weight_decay=e.linear_weight_decay,
+                                                      batch_size=e.linear_batch_size, seed=cfg.seed,
+                                                      device=device)["top1"]
     return res
 
 
@@ -265,9 +274,12 @@ def evaluate(checkpoint: str | Path, data: DataConfig, *, protocols: tuple[str, 
     ``--no-eval`` run pretrained on whole, the log and results.json say so.
     """
     encoder, info = load_encoder(checkpoint)
-    data = _at_encoder_size(data, info["preprocess"])
     pretrained = info["config"] or Config()
     cfg = apply_overrides(pretrained, list(overrides))
+    # data.* overrides (data.label=speaker) apply to the data evaluated on
+    data = apply_overrides(dataclasses.replace(cfg, data=data),
+                           [o for o in overrides if o.strip().startswith("data.")]).data
+    data = _at_encoder_size(data, info["preprocess"])
     cfg.data = data
     splits = load_splits(data)
     seen = seen_in_pretraining(pretrained.data, pretrained.eval.enabled is not False, data)
@@ -307,10 +319,12 @@ def embed(checkpoint: str | Path, data: DataConfig, output: str | Path, *, split
             "split": split, "note": splits.note, "classes": sets[0].classes}
 
 
-def _at_encoder_size(data: DataConfig, pre: Preprocess) -> DataConfig:
+def _at_encoder_size(data: DataConfig, pre: Preprocess | AudioPreprocess) -> DataConfig:
     """Decode at the encoder's input size unless data.image_size says otherwise, so a checkpoint sees its
-    evaluation images exactly as it saw its training images."""
-    return data if data.image_size is not None else dataclasses.replace(data, image_size=pre.size)
+    evaluation images exactly as it saw its training images (audio clips are taken whole)."""
+    if data.image_size is not None or not isinstance(pre, Preprocess):
+        return data
+    return dataclasses.replace(data, image_size=pre.size)
 
 
 def write_results(results: dict, folder: str | Path) -> Path:

@@ -211,9 +211,11 @@ def _step_memory(tree: dict, shape: Any, view_size: int, device: torch.device, w
     decoded = cfg.data.image_size or shape.size
     groups = view_groups(cfg.views, decoded, run_view_groups(cfg))
     view_size = global_size(groups, decoded)
-    ctx = BuildContext(channels=shape.channels, image_size=view_size, dataset_size=shape.images, num_classes=None,
-                       batch_size=batch, world_size=world, steps_per_epoch=steps, epochs=epochs,
-                       backbone_section=dict(cfg.backbone))
+    # the data's statistics are not read yet: placeholders (they scale the views, not the step's memory)
+    ctx = BuildContext(channels=shape.channels, image_size=view_size, dataset_size=shape.images,
+                       num_classes=shape.classes, batch_size=batch, world_size=world, steps_per_epoch=steps,
+                       epochs=epochs, backbone_section=dict(cfg.backbone), mean=(0.5,) * shape.channels,
+                       std=(0.25,) * shape.channels)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         method = build_method(cfg, ctx).to(device)
         sizes, n_global = view_shapes(groups, decoded)

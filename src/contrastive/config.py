@@ -28,7 +28,8 @@ def _f(default: Any, help: str) -> Any:
 @dataclass
 class DataConfig:
     name: str = _f("digits", "Dataset to pretrain on: digits, fashion-mnist, mnist, cifar10, cifar100, stl10, "
-                   "or a path to an image folder (class sub-folders optional; unlabeled data is fine).")
+                   "spoken-digits (audio), or a path to a folder of images or of WAV files (class sub-folders "
+                   "optional; unlabeled data is fine).")
     data_dir: str | None = _f(None, "Where a named dataset's files live (or are downloaded to); None uses the "
                               "dataset's usual place (see the dataset's docs).")
     train_data: str | None = _f(None, "Labelled data for the evaluation's training side (kNN bank, probe "
@@ -50,6 +51,9 @@ class DataConfig:
     download: bool = _f(True, "Download a named dataset through torchvision when it is not found locally.")
     num_workers: int = _f(2, "DataLoader worker processes; the loader only decodes, augmentation runs "
                           "batched on the training device.")
+    label: str | None = _f(None, "Which labelling of the data the evaluation (kNN, linear probe) uses, for data "
+                           "with several: spoken-digits has digit and speaker; None: the data's first (digit; a "
+                           "folder's class sub-folders).")
 
 
 @dataclass
@@ -75,6 +79,11 @@ class ViewConfig:
                           "(0.1, 2.0) in SimCLR Appendix A.")
     blur_kernel_frac: float = _f(0.1, "Blur kernel side as a fraction of the image side (10%, SimCLR A).")
     solarize_p: float = _f(0.0, "Solarize probability (BYOL uses it; SimCLR does not).")
+    window: int = _f(20480, "Audio: samples in each random window cut from a clip; CPC trains 'on sampled audio "
+                     "windows of length 20480' (1.28 s at 16 kHz, van den Oord et al. 2018, Sec. 3.1). A shorter clip "
+                     "fills the start of its window and the rest is padding, which the encoder skips.")
+    gain_db: list = _f([0.0, 0.0], "Audio: each window scaled by a random gain drawn uniformly from [low, high] dB; "
+                       "[0, 0]: none, as CPC (its windows are the raw waveform).")
     groups: list | None = _f(None, "View groups, for views that differ (BYOL's asymmetric pair, SwAV's and DINO's "
                              "multi-crop): a list of mappings, each with `count` (views of the group), `global` "
                              "(a global view: DINO's teacher and SwAV's codes see only these; default: true for the "
@@ -165,12 +174,15 @@ class EvalConfig:
     linear_lr: float = _f(0.01, "AdamW learning rate of the linear probe over standardised features.")
     linear_weight_decay: float = _f(1e-4, "Weight decay of the linear probe.")
     linear_batch_size: int = _f(512, "Mini-batch size of the linear probe.")
-    raw_pixel_baseline: bool = _f(True, "Also run the kNN on raw pixels, the baseline features must beat.")
+    raw_pixel_baseline: bool = _f(True, "Also run the kNN on raw pixels, the baseline features must beat (audio: "
+                                  "the kNN and the linear probe on MFCC statistics).")
     raw_pixel_size: int | None = _f(32, "Side the raw-pixel baseline resizes images to when the encoder's input "
                                     "is larger: 32 px leaves CIFAR-sized data as it is and bounds the "
                                     "baseline's memory (50,000 images at 224 px would be 30 GB of floats); "
                                     "null: the encoder's input side.")
     batch_size: int = _f(512, "Batch size of feature extraction.")
+    n_mfcc: int = _f(20, "Audio: MFCCs per frame of the baseline (their mean and std over the clip through the same "
+                     "kNN and linear probe); 13-20 is the usual range for speech, 20 is librosa's default.")
 
 
 @dataclass
@@ -402,6 +414,7 @@ _RANGES = [
     ("data.num_workers", 0, True), ("data.image_size", 1, True), ("data.holdout", 0, False),
     ("eval.knn_k", 1, True), ("eval.knn_temperature", 0, False), ("eval.linear_epochs", 1, True),
     ("eval.linear_lr", 0, False), ("eval.linear_batch_size", 1, True), ("eval.batch_size", 1, True),
+    ("eval.n_mfcc", 1, True),
     ("train.dist_timeout_s", 0, False), ("eval.raw_pixel_size", 1, True),
 ]
 

@@ -58,6 +58,10 @@ def export(checkpoint: str | Path, fmt: str, output: str | Path, *, check_batch:
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
     model, pre, out_name, extra = load_exportable(checkpoint)
+    if not isinstance(pre, Preprocess):
+        raise ConfigError(f"{checkpoint}: export writes image encoders (NCHW input); this encoder reads "
+                          f"{getattr(pre, 'modality', type(pre).__name__)}, which export does not support yet; use "
+                          f"`contrastive embed` for its features")
     model = plain_batchnorm(model).eval().float().cpu()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,10 @@
 """The dataset contract, the in-memory dataset and the views over datasets (subset, concatenation).
 
-Datasets here only decode. Item ``i`` is ``(image, label, i)``: ``image`` uint8 ``[C, H, W]`` (one shape per
-dataset, H = W = ``image_size``), ``label`` an int (-1 when unlabeled), ``i`` the item's position in the
-dataset actually served, which memory-bank methods use as the sample's identity. Augmentation happens
-later, batched on the training device.
+Datasets here only decode. Item ``i`` is ``(sample, label, i)``: ``sample`` a sample of the dataset's modality
+(``modality``; images: uint8 ``[C, H, W]``, one shape per dataset, H = W = ``image_size``; audio: a float32 clip
+``[1, T]``, see ``data/audio.py``), ``label`` an int (-1 when unlabeled), ``i`` the item's position in the dataset
+actually served, which memory-bank methods use as the sample's identity. Augmentation happens later, batched on
+the training device, by the transform the modality chooses (``data/modality.py``).
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ log = logging.getLogger("contrastive.data")
 
 
 class ImageDataset(Dataset):
-    """What every dataset of this package exposes, besides ``len`` and ``(image, label, index)`` items.
+    """What every dataset of this package exposes, besides ``len`` and ``(sample, label, index)`` items.
 
-    ``labels`` is int64 ``[N]`` (-1 where unlabeled); ``mean`` and ``std`` are per channel, in [0, 1] pixel
-    units. ``images`` is the whole dataset as uint8 ``[N, C, S, S]`` when it is held decoded at
-    ``image_size`` (the trainer then indexes it directly), else None.
+    ``modality`` names the kind of sample ("image" unless a dataset says otherwise). ``labels`` is int64 ``[N]``
+    (-1 where unlabeled); ``mean`` and ``std`` are per channel, in [0, 1] pixel units. ``images`` is the whole
+    dataset as one tensor when it is held in memory as served (images: uint8 ``[N, C, S, S]`` at ``image_size``;
+    the trainer then indexes it directly), else None.
     """
 
+    modality: str = "image"
     name: str
     channels: int
     image_size: int
@@ -122,6 +125,7 @@ class Subset(ImageDataset):
         self.dataset = dataset
         self.indices = torch.as_tensor(indices, dtype=torch.long)
         self.labels = dataset.labels[self.indices]
+        self.modality = dataset.modality
         self.name = dataset.name
         self.classes = dataset.classes
         self.channels = dataset.channels
@@ -152,6 +156,7 @@ class Concat(ImageDataset):
         for p in self.parts[:-1]:
             self.starts.append(self.starts[-1] + len(p))
         self.labels = torch.cat([p.labels for p in self.parts])
+        self.modality = first.modality
         self.name = name
         self.classes = first.classes
         self.channels = first.channels
@@ -175,9 +180,11 @@ def subset(ds: ImageDataset, indices: Tensor) -> ImageDataset:
     """Items ``indices`` of ``ds`` as a dataset of their own, numbered 0..len-1.
 
     A dataset held in memory is copied into a new TensorImages (so the trainer can still index its
-    ``images``, and the parent can be freed); any other gets a Subset view.
+    ``images``, and the parent can be freed), or by its own ``take`` (audio clips); any other gets a Subset view.
     """
     indices = torch.as_tensor(indices, dtype=torch.long)
+    if hasattr(ds, "take"):
+        return ds.take(indices)
     if isinstance(ds, TensorImages):
         return TensorImages(ds.pixels[indices], ds.labels[indices], name=ds.name, classes=ds.classes,
                             size=ds.image_size, mean=ds.mean, std=ds.std)

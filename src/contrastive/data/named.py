@@ -47,6 +47,7 @@ STL10_FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabe
 # derived from the data (contrastive.autoconfig) start from.
 SHAPES = {"digits": (1, 8, 1437), "fashion-mnist": (1, 28, 60000), "mnist": (1, 28, 60000),
           "cifar10": (3, 32, 50000), "cifar100": (3, 32, 50000), "stl10": (3, 96, 105000)}
+CLASSES = {"digits": 10, "fashion-mnist": 10, "mnist": 10, "cifar10": 10, "cifar100": 100, "stl10": 10}
 
 
 def data_root(cfg: DataConfig) -> Path:

@@ -1,4 +1,5 @@
-"""What an encoder expects as input, saved with every checkpoint so any later evaluation feeds it right."""
+"""What an encoder expects as input, saved with every checkpoint so any later evaluation feeds it right: images
+(``Preprocess``) or audio clips (``AudioPreprocess``)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ class Preprocess:
         return cls(dataset.channels, size or dataset.image_size, tuple(dataset.mean), tuple(dataset.std))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocess":
+    def from_dict(cls, d: dict) -> "Preprocess | AudioPreprocess":
+        """What ``asdict`` of either kind gave back (an audio one says so in its ``modality`` field)."""
+        if d.get("modality") == "audio":
+            return AudioPreprocess(int(d["sample_rate"]), tuple(d["mean"]), tuple(d["std"]))
         return cls(int(d["channels"]), int(d["size"]), tuple(d["mean"]), tuple(d["std"]))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -33,3 +37,35 @@ class Preprocess:
             raise DataError(f"the encoder was trained on {self.channels}-channel images; this data has "
                             f"{images.shape[1]} channels")
         return eval_preprocess(images, self.mean, self.std, self.size)
+
+
+@dataclass(frozen=True)
+class AudioPreprocess:
+    """float clips [B, 1, T] (NaN-padded, data/audio.py) -> the same normalised by the pretraining statistics and
+    cut after the batch's longest clip; the encoder takes whole clips. Clips at another sample rate are refused
+    (``check``)."""
+
+    sample_rate: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    modality: str = "audio"
+
+    @classmethod
+    def for_dataset(cls, dataset) -> "AudioPreprocess":
+        return cls(dataset.sample_rate, tuple(dataset.mean), tuple(dataset.std))
+
+    def check(self, dataset) -> None:
+        """A DataError when ``dataset`` is not audio at this sample rate."""
+        rate = getattr(dataset, "sample_rate", None)
+        if rate != self.sample_rate:
+            what = f"{rate} Hz audio" if rate else "not audio"
+            raise DataError(f"the encoder was trained on {self.sample_rate} Hz audio; {dataset.name} is {what}: "
+                            f"resample it to {self.sample_rate} Hz")
+
+    def __call__(self, clips: torch.Tensor) -> torch.Tensor:
+        if not clips.is_floating_point() or clips.ndim != 3 or clips.shape[1] != 1:
+            raise DataError(f"the encoder was trained on mono audio clips [B, 1, T]; got {clips.dtype} "
+                            f"{tuple(clips.shape)}")
+        present = (~torch.isnan(clips[:, 0])).sum(1)  # [B] samples of each clip
+        longest = int(present.max()) if len(clips) else 0  # what is past every clip's end is padding: cut off
+        return (clips[..., :max(longest, 1)] - self.mean[0]) / self.std[0]

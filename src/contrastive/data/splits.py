@@ -7,6 +7,9 @@
 - An unlabeled folder: no evaluation unless ``data.train_data`` / ``data.test_data`` name labelled data.
 - No evaluation (``--no-eval``): the pretraining data as above, a single labelled folder whole (none held out).
 
+A folder of WAV files (and no images) is audio data, read by ``data/audio.py``, with the same rules. Data with
+several labellings (spoken-digits: digit, speaker) shows the one ``data.label`` names on every side.
+
 ``data.train_data`` alone: the evaluation uses that data's own split (official test split, test/ sub-folder
 or held-out fraction). ``data.test_data`` alone: it is the test side, and the pretraining data's labelled
 train side is the train side. Both: exactly those. Every evaluation side is decoded at the pretraining
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 
 from contrastive.config import DataConfig
-from contrastive.data import named  # noqa: F401  (fills the dataset registry)
+from contrastive.data import audio, named  # noqa: F401  (fill the dataset registry)
 from contrastive.data.datasets import ImageDataset, Splits, is_labelled, subset
 from contrastive.data.folder import open_folder, scan_folder, survey_sizes
 from contrastive.errors import ConfigError, DataError
@@ -69,23 +72,45 @@ def _open(source: str, cfg: DataConfig, *, image_size: int | None = None,
     if image_size is not None:
         cfg = dataclasses.replace(cfg, image_size=image_size)
     if source in names("datasets"):
-        return lookup("datasets", source)(cfg)
+        return _with_label(lookup("datasets", source)(cfg), cfg.label)
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"data {source!r} is neither a dataset name ({', '.join(names('datasets'))}) nor an "
                         f"existing path: {path.absolute()} does not exist")
     if not path.is_dir():
         raise DataError(f"{path} is a file; give a folder of images (class sub-folders optional) or a dataset name")
+    opener = audio.open_wav_folder if audio.is_audio_folder(path) else open_folder
     layout = split_layout(path)
     if layout is None:
-        ds = open_folder(path, cfg, classes)
-        return Splits(ds, ds if is_labelled(ds) else None, None, note=str(path))
+        ds = opener(path, cfg, classes)
+        return _with_label(Splits(ds, ds if is_labelled(ds) else None, None, note=str(path)), cfg.label)
     train_dir, test_dir = layout
-    train = open_folder(train_dir, cfg, classes)
-    test = open_folder(test_dir, dataclasses.replace(cfg, image_size=train.image_size), train.classes)
-    return Splits(train, train if is_labelled(train) else None, test if is_labelled(test) else None,
-                  note=f"{path}: {train_dir.name}/ for pretraining and evaluation training, {test_dir.name}/ "
-                       f"for evaluation testing")
+    train = opener(train_dir, cfg, classes)
+    test = opener(test_dir, dataclasses.replace(cfg, image_size=train.image_size), train.classes)
+    return _with_label(Splits(train, train if is_labelled(train) else None, test if is_labelled(test) else None,
+                              note=f"{path}: {train_dir.name}/ for pretraining and evaluation training, "
+                                   f"{test_dir.name}/ for evaluation testing"), cfg.label)
+
+
+def _with_label(s: Splits, label: str | None) -> Splits:
+    """``s`` showing the labelling ``label`` (``data.label``) on every side; ``s`` itself when None."""
+    if label is None:
+        return s
+    chosen: dict[int, ImageDataset] = {}
+
+    def pick(ds: ImageDataset | None) -> ImageDataset | None:
+        if ds is None:
+            return None
+        if id(ds) not in chosen:  # one object for sides that were one (pretraining = evaluation training)
+            labelings = getattr(ds, "labelings", None) or {}
+            if label not in labelings:
+                have = (f"the labellings {', '.join(labelings)}" if labelings else
+                        "a single labelling (its classes); leave data.label unset")
+                raise ConfigError(f"data.label={label}: {ds.name} has {have}")
+            chosen[id(ds)] = ds.with_label(label)
+        return chosen[id(ds)]
+
+    return Splits(pick(s.pretrain), pick(s.eval_train), pick(s.eval_test), note=f"{s.note}; label {label}")
 
 
 def _complete(s: Splits, source: str, cfg: DataConfig) -> Splits:
@@ -136,6 +161,9 @@ def load_splits(cfg: DataConfig, *, evaluate: bool = True) -> Splits:
                              "data.test_data", cfg.test_data)
         how = f"evaluation trains on {train.name} ({len(train)} images), tests on {test.name} ({len(test)} images)"
     for ds in (train, test):
+        if ds.modality != base.pretrain.modality:
+            raise DataError(f"{ds.name} holds {ds.modality} data but the pretraining data {cfg.name} holds "
+                            f"{base.pretrain.modality}; the evaluation feeds both through the same encoder")
         if ds.channels != base.pretrain.channels:
             raise DataError(f"{ds.name} has {ds.channels}-channel images but the pretraining data {cfg.name} has "
                             f"{base.pretrain.channels}; the evaluation feeds both through the same encoder")
@@ -180,6 +208,7 @@ class DataShape:
     size: int  # typical side: a named dataset's native one, a folder's median shorter side
     channels: int
     how: str  # one line: where the numbers come from
+    classes: int | None = None  # classes of a labelled dataset or folder; None: unlabeled
 
 
 def probe(cfg: DataConfig, *, evaluate: bool = True) -> DataShape:
@@ -190,10 +219,13 @@ def probe(cfg: DataConfig, *, evaluate: bool = True) -> DataShape:
             raise ConfigError(f"no shape known for dataset {cfg.name!r}; pass a recipe with --config")
         channels, size, images = named.SHAPES[cfg.name]
         return DataShape(images, size, channels, f"{cfg.name}: {images:,} pretraining images, {channels} "
-                                                 f"channel(s), {size} px")
+                                                 f"channel(s), {size} px", named.CLASSES.get(cfg.name))
     path = Path(cfg.name).expanduser()
     if not path.is_dir():
         _open(cfg.name, cfg)  # the same error as loading would give
+    if audio.is_audio_folder(path):
+        raise ConfigError(f"{cfg.name} holds audio, and settings are derived for images only; pass a recipe with "
+                          f"--config (e.g. configs/cpc-audio-spoken-digits.yaml)")
     layout = split_layout(path)
     folder = layout[0] if layout else path
     files, labels, classes = scan_folder(folder, log_ignored=False)
@@ -204,7 +236,7 @@ def probe(cfg: DataConfig, *, evaluate: bool = True) -> DataShape:
         images -= round(cfg.holdout * images)
     return DataShape(images, survey.typical, 3, f"{folder}: {len(files):,} images"
                                                 f"{f' ({images:,} for pretraining)' if held else ''}, "
-                                                f"{survey.describe()}")
+                                                f"{survey.describe()}", None if classes is None else len(classes))
 
 
 def _needs_labels(ds: ImageDataset | None, key: str, source: str) -> ImageDataset:

@@ -405,8 +405,18 @@ class ViewDataset(Dataset):
 
 
 def make_views(cfg: ViewConfig, mean: Sequence[float], std: Sequence[float], channels: int, in_size: int,
-               method_groups: Callable[[int], list[dict]] | None = None) -> TensorViews | PILViews:
-    """The view maker ``cfg.backend`` names, after checking every ``views.*`` field and group."""
+               method_groups: Callable[[int], list[dict]] | None = None, *, modality: str = "image"):
+    """The batch transform of the data's ``modality``: for images, the view maker ``cfg.backend`` names, after
+    checking every ``views.*`` field and group; for audio, random windows (``data.audio.AudioViews``)."""
+    if modality == "audio":
+        from contrastive.data.audio import AudioViews
+
+        if method_groups is not None:
+            raise ConfigError("the method's view groups are crops of images; audio views are windows of a clip "
+                              "(views.window, views.n_views): train an audio method (cpc-audio) on audio")
+        return AudioViews(cfg, mean, std)
+    if modality != "image":
+        raise ConfigError(f"no views for {modality!r} data")
     check_view_config(cfg)
     cls = TensorViews if cfg.backend == "tensor" else PILViews
     return cls(cfg, mean, std, channels, in_size, method_groups)

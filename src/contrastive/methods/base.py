@@ -99,12 +99,17 @@ class BuildContext:
     steps_per_epoch: int
     epochs: int
     backbone_section: dict = field(default_factory=lambda: {"name": "small_cnn"})
+    # the training data's per-channel mean and std, which normalised the views (CMC un-normalises them before
+    # its Lab conversion); None in contexts saved before they were recorded
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
-    def build_backbone(self, in_channels: int | None = None) -> tuple[nn.Module, int]:
+    def build_backbone(self, in_channels: int | None = None, image_size: int | None = None) -> tuple[nn.Module, int]:
+        """``image_size``: the side the encoder will see when it is not the views' (CPC's patches)."""
         from contrastive.nn.backbones import build_backbone
 
         return build_backbone(self.backbone_section, in_channels=in_channels or self.channels,
-                              image_size=self.image_size)
+                              image_size=image_size or self.image_size)
 
     @classmethod
     def for_run(cls, cfg: Any, dataset: Any, world_size: int = 1) -> "BuildContext":
@@ -114,7 +119,8 @@ class BuildContext:
         return cls(channels=dataset.channels, image_size=run_view_size(cfg, dataset.image_size),
                    dataset_size=len(dataset), num_classes=dataset.num_classes, batch_size=cfg.train.batch_size,
                    world_size=world_size, steps_per_epoch=max(len(dataset) // cfg.train.batch_size, 1),
-                   epochs=cfg.train.epochs, backbone_section=dict(cfg.backbone))
+                   epochs=cfg.train.epochs, backbone_section=dict(cfg.backbone), mean=tuple(dataset.mean),
+                   std=tuple(dataset.std))
 
 
 class Method(nn.Module):
@@ -152,6 +158,14 @@ class Method(nn.Module):
 
     def projection_head(self) -> nn.Sequential | None:
         """The head on top of ``encoder()`` (SimCLR v2 fine-tunes from its first layer); None when there is none."""
+        return None
+
+    def batch_order(self, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
+                    name: str) -> list[torch.Tensor] | None:
+        """An epoch's global batches of dataset indices, drawn from ``generator`` (seeded by seed and epoch) given
+        the training data's ``labels`` [N] (-1: unknown) and its ``name`` (for errors): ``len(labels) //
+        batch_size`` batches of ``batch_size`` (the P x K batches of the triplet loss). None: the trainer's
+        random permutation."""
         return None
 
     def sync_batchnorm(self) -> None:

@@ -52,6 +52,19 @@ class ConvNetConfig:
     cifar_stem: bool | None = field(default=None, metadata={"help": "A stem that keeps the resolution (ResNet: "
                                     "3x3 stride-1 conv without max-pool, as SimCLR uses for CIFAR, B.9); None "
                                     "turns it on for images of 64 px or less."})
+    norm: str = field(default="batch", metadata={"help": "Normalisation after each conv: batch (the ResNet "
+                      "papers, SimCLR) or layer (GroupNorm with one group: each sample's own statistics). CPC v2 "
+                      "(Henaff et al. 2019, Sec. 3) uses layer norm, since batch statistics would let a patch see "
+                      "the other patches of its image."})
+
+
+def norm_layer(cfg: ConvNetConfig) -> Callable[[int], nn.Module]:
+    """``backbone.norm`` as a constructor ``channels -> module``; an unknown name is a ConfigError."""
+    if cfg.norm == "batch":
+        return nn.BatchNorm2d
+    if cfg.norm == "layer":
+        return lambda channels: nn.GroupNorm(1, channels)
+    raise ConfigError(f"backbone.norm={cfg.norm!r}: expected batch or layer")
 
 
 def uses_cifar_stem(cfg: ConvNetConfig, image_size: int) -> bool:
@@ -66,7 +79,7 @@ def uses_cifar_stem(cfg: ConvNetConfig, image_size: int) -> bool:
 def _resnet(arch: str, cfg: ConvNetConfig, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
     # zero_init_residual: the last BN of each residual block starts at gamma = 0 so every block starts as
     # the identity (Goyal et al. 2017, Sec. 5.1), as SimCLR's and MoCo v3's ResNets do.
-    net = getattr(models, arch)(weights=None, zero_init_residual=True)
+    net = getattr(models, arch)(weights=None, zero_init_residual=True, norm_layer=norm_layer(cfg))
     feature_dim = net.fc.in_features
     net.fc = nn.Identity()
     if uses_cifar_stem(cfg, image_size):
@@ -105,23 +118,24 @@ class SmallCNNConfig(ConvNetConfig):
 
 
 class SmallCNN(nn.Module):
-    """Conv-BN-ReLU stages (default 32, 64, 128, 256 channels) and global average pooling, for CPU runs.
+    """Conv-norm-ReLU stages (default 32, 64, 128, 256 channels) and global average pooling, for CPU runs.
 
     Every stage after the first halves the resolution; stage 1 keeps it on small images (the CIFAR-stem
     rule) and halves it on large ones, so with four stages a 32 px image is pooled from 4x4 maps.
     Shapes: [B, C, H, W] -> [B, widths[-1]].
     """
 
-    def __init__(self, in_channels: int, first_stride: int, widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+    def __init__(self, in_channels: int, first_stride: int, widths: tuple[int, ...] = (32, 64, 128, 256),
+                 norm: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         prev = in_channels
         for i, width in enumerate(widths):
             stride = first_stride if i == 0 else 2
-            # No conv bias: the BatchNorm that follows would cancel it.
+            # No conv bias: the norm that follows subtracts it (batch norm) or has its own (layer norm's affine).
             layers += [
                 nn.Conv2d(prev, width, kernel_size=3, stride=stride, padding=1, bias=False),
-                nn.BatchNorm2d(width),
+                norm(width),
                 nn.ReLU(inplace=True),
             ]
             prev = width
@@ -142,7 +156,8 @@ def small_cnn(cfg: SmallCNNConfig, *, in_channels: int, image_size: int) -> tupl
     if not widths or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
         raise ConfigError(f"backbone.widths={widths!r}: expected a non-empty list of positive channel counts, "
                           f"for example [16, 32, 64, 128]")
-    net = SmallCNN(in_channels, first_stride=1 if uses_cifar_stem(cfg, image_size) else 2, widths=tuple(widths))
+    net = SmallCNN(in_channels, first_stride=1 if uses_cifar_stem(cfg, image_size) else 2, widths=tuple(widths),
+                   norm=norm_layer(cfg))
     return net, net.feature_dim
 
 
@@ -153,3 +168,6 @@ register("backbones", "small_cnn")(BackboneSpec(SmallCNNConfig, small_cnn))
 # The ViTs register here too; their module imports timm only when one is built, so the core install
 # (without the `vit` extra) keeps every ConvNet and gets a ConfigError naming the extra for a ViT.
 from contrastive.nn import vit as _vit  # noqa: E402,F401
+# CPC's 1-D waveform encoder (cpc-audio) registers here as well, so `--backbone cpc_audio_conv` is known
+# wherever backbones are.
+from contrastive.nn import audio as _audio  # noqa: E402,F401

@@ -86,8 +86,10 @@ def _batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 def measure_step(method: Method, *, channels: int, sizes: list[int], n_global: int, device: torch.device,
-                 amp_dtype: torch.dtype | None, step: StepInfo, dataset_size: int | None = None) -> StepMemory:
-    """The memory of a training step of ``method`` on views ``[n, channels, s, s]`` for each side s of
+                 amp_dtype: torch.dtype | None, step: StepInfo, dataset_size: int | None = None,
+                 dims: int = 2) -> StepMemory:
+    """The memory of a training step of ``method`` on views ``[n, channels, s, s]`` (``dims`` 2: images; 1:
+    audio windows ``[n, channels, s]``) for each side s of
     ``sizes`` (the first ``n_global`` global, as the trainer's batches), from trial forward
     passes at TRIAL_BATCHES times ``method.batch_multiple`` images (their dataset indices below
     ``dataset_size``: rows of a memory bank).
@@ -106,7 +108,7 @@ def measure_step(method: Method, *, channels: int, sizes: list[int], n_global: i
                 m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch statistic: unchanged
             for n in trials:
                 gen = torch.Generator(device=device).manual_seed(n)
-                views = [torch.randn(n, channels, s, s, generator=gen, device=device) for s in sizes]
+                views = [torch.randn(n, channels, *[s] * dims, generator=gen, device=device) for s in sizes]
                 index = torch.arange(n, device=device) % (dataset_size or n)
                 batch = Batch(views=views, index=index,
                               label=torch.full((n,), -1, dtype=torch.long, device=device), n_global=n_global)
@@ -124,8 +126,8 @@ def measure_step(method: Method, *, channels: int, sizes: list[int], n_global: i
     a = max(s1 - b * n1 - c * n1 * n1, 0.0)
     weights = sum(p.numel() * p.element_size() for p in method.parameters() if p.requires_grad)
     # per image, besides the saved tensors: its views (the batch of floats the method receives) and the
-    # float copy of the uint8 image the views are cut from
-    inputs = (sum(s * s for s in sizes) + max(sizes) ** 2) * channels * 4
+    # float copy of the uint8 image the views are cut from (for audio, of the window the views are cut at)
+    inputs = (sum(s ** dims for s in sizes) + max(sizes) ** dims) * channels * 4
     return StepMemory(fixed=3 * weights + BACKWARD_FACTOR * a, per_image=BACKWARD_FACTOR * b + inputs,
                       per_pair=BACKWARD_FACTOR * c)
 

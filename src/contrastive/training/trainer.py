@@ -20,7 +20,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -30,8 +30,7 @@ from torch.utils.data import DataLoader
 from contrastive import distributed
 from contrastive.config import Config, build_dataclass, resolved_sections, to_dict
 from contrastive.data import collate_skip_corrupt
-from contrastive.data.preprocess import Preprocess
-from contrastive.data.views import make_views, run_view_groups, view_groups, view_shapes
+from contrastive.data.modality import modality_of
 from contrastive.errors import CheckpointError, ConfigError, NonFiniteLossError
 from contrastive.methods.base import STREAM_GLOBAL, Batch, BuildContext, Method, StepInfo, StepOutput, step_seed
 from contrastive.training.budget import TimeEstimate, check_step_fits, measure_step
@@ -149,18 +148,26 @@ def keep_on_device(setting: bool | None, nbytes: int, free_bytes: int) -> bool:
     return setting if setting is not None else nbytes <= free_bytes // 4
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int,
+                  batch_order: Callable[[torch.Generator], list[torch.Tensor] | None] | None = None
+                  ) -> list[list[int]]:
     """This rank's index batches for one epoch: a permutation seeded by (seed, epoch), full global
-    batches only (SimCLR's loss depends on the batch size), each split evenly over the ranks."""
+    batches only (SimCLR's loss depends on the batch size), each split evenly over the ranks.
+
+    ``batch_order(generator)``: the method's own global batches (``Method.batch_order``: P x K batches) drawn
+    from the same seeded generator instead, or None for the permutation; n // batch_size of them either way.
+    """
     world, rank = distributed.world_size(), distributed.rank()
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=g)
+    batches = batch_order(g) if batch_order is not None else None
+    if batches is None:
+        order = torch.randperm(n, generator=g)
+        batches = [order[b * batch_size:(b + 1) * batch_size] for b in range(n // batch_size)]
+    elif len(batches) != n // batch_size or any(len(b) != batch_size for b in batches):
+        raise ValueError(f"Method.batch_order gave {len(batches)} batches of sizes "
+                         f"{sorted({len(b) for b in batches})}; the trainer needs {n // batch_size} of {batch_size}")
     per_rank = batch_size // world
-    out = []
-    for b in range(n // batch_size):
-        chunk = order[b * batch_size:(b + 1) * batch_size]
-        out.append(chunk[rank * per_rank:(rank + 1) * per_rank].tolist())
-    return out
+    return [chunk[rank * per_rank:(rank + 1) * per_rank].tolist() for chunk in batches]
 
 
 @dataclass
@@ -205,9 +212,10 @@ class Trainer:
             self.method.sync_batchnorm()
         if cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
-        self.view_groups = view_groups(cfg.views, dataset.image_size, run_view_groups(cfg))
-        self.views = make_views(cfg.views, dataset.mean, dataset.std, dataset.channels, dataset.image_size,
-                                run_view_groups(cfg))
+        # images or audio: the kind of data chooses the views, the memory check's trial and the preprocessing
+        self.modality = modality_of(dataset)
+        self.modality.check_backbone(cfg.backbone)
+        self.views = self.modality.views(cfg, dataset)
         self.steps_per_epoch = len(dataset) // cfg.train.batch_size
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
@@ -243,15 +251,16 @@ class Trainer:
         return self.world > 1 and self.device.type != "cpu" and want is not False
 
     def _place_images(self) -> torch.Tensor | None:
-        """The in-memory dataset's uint8 images where tensor views index them: on the GPU when they fit
-        (``keep_on_device``: a batch is then an index there, no host copy), else on the host; None when the
-        data is read per item (the DataLoader pins its batches)."""
+        """The in-memory dataset's samples (uint8 images, float audio clips) where tensor views index them: on
+        the GPU when they fit (``keep_on_device``: a batch is then an index there, no host copy), else on the
+        host; None when the data is read per item (the DataLoader pins its batches)."""
         images = getattr(self.dataset, "images", None)
         if self.cfg.views.backend != "tensor" or not isinstance(images, torch.Tensor):
             return None
         if self.device.type == "cuda" and keep_on_device(self.cfg.train.data_on_device, images.nbytes,
                                                          torch.cuda.mem_get_info(self.device)[0]):
-            log.info("the dataset's %.0f MB of uint8 images are kept on %s", images.nbytes / 2**20, self.device)
+            log.info("the dataset's %.0f MB of %s samples are kept on %s", images.nbytes / 2**20, self.modality.name,
+                     self.device)
             return images.to(self.device)
         return images
 
@@ -269,7 +278,7 @@ class Trainer:
             "optimizer": to_cpu(self.optimizer.state_dict()),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
-            "preprocess": asdict(Preprocess.for_dataset(self.dataset, self.views.size)),
+            "preprocess": asdict(self.modality.preprocess(self.dataset, self.views.size)),
             "context": asdict(self.context),
         }
 
@@ -321,7 +330,10 @@ class Trainer:
     def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, torch.Tensor]]:
         """Yield this rank's share of each step: (a uint8 batch (tensor views) or a list of views (pil),
         dataset indices [n], labels [n])."""
-        index_batches = epoch_batches(len(self.dataset), self.cfg.train.batch_size, self.cfg.seed, epoch)
+        size = self.cfg.train.batch_size
+        index_batches = epoch_batches(  # the method's own batches (P x K), else a seeded permutation
+            len(self.dataset), size, self.cfg.seed, epoch,
+            lambda g: self.method.batch_order(self.dataset.labels, size, g, self.dataset.name))
         # after a resume from a mid-epoch checkpoint (max_steps, time budget), skip the batches already done
         index_batches = index_batches[self.epoch_batch:]
         images = self._images
@@ -372,7 +384,7 @@ class Trainer:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(step_seed(self.cfg.seed, self.step, distributed.rank()))
             views = self.views(images.to(self.device, non_blocking=True), gen)
-        if self.cfg.train.channels_last:
+        if self.cfg.train.channels_last and self.modality.dims == 2:  # a memory format of 4-d tensors: images
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         return Batch(views=views, index=index.to(self.device, non_blocking=True),
                      label=labels.to(self.device, non_blocking=True), n_global=self.views.n_global)
@@ -477,13 +489,13 @@ class Trainer:
     def check_memory(self) -> None:
         """Before the first step: a ConfigError naming the largest batch that fits when a step at
         train.batch_size would not fit in the device's free memory (trial steps, see training/budget.py)."""
-        size = self.context.image_size
-        sizes, n_global = view_shapes(self.view_groups, self.dataset.image_size)
-        memory = measure_step(self.method, channels=self.dataset.channels, sizes=sizes,
+        sizes, n_global = self.modality.trial_sizes(self.cfg, self.dataset)
+        memory = measure_step(self.method, channels=self.dataset.channels, sizes=sizes, dims=self.modality.dims,
                               n_global=n_global, device=self.device, amp_dtype=self.amp_dtype,
                               step=self.step_info(), dataset_size=len(self.dataset))
         check_step_fits(memory, batch_size=self.cfg.train.batch_size, world_size=self.world, device=self.device,
-                        what=f"{self.cfg.method['name']} with {self.cfg.backbone['name']} on {size} px views")
+                        what=f"{self.cfg.method['name']} with {self.cfg.backbone['name']} on "
+                             f"{self.modality.describe(sizes)}")
 
     def step_info(self) -> StepInfo:
         return StepInfo(step=self.step, epoch=self.epoch, total_steps=self.total_steps,
