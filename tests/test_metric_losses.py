@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from contrastive.losses import contrastive_margin_loss, nt_xent, supcon_loss, triplet_loss
+from contrastive.losses import contrastive_margin_loss, nt_xent, pairwise_margin_loss, supcon_loss, triplet_loss
 from contrastive.losses.metric import hardest, pairwise_distances, semi_hard
 
 
@@ -147,3 +147,34 @@ def test_every_triplet_index_is_in_range():
         chosen, valid = semi_hard(pairwise_distances(torch.randn(4, 2, generator=_gen(1))), labels)
         assert ((chosen >= 0) & (chosen < 4)).all()
         assert valid.sum().item() == sum(c * (c - 1) for c in (lab.count(0), lab.count(1))) * (0 < sum(lab) < 4)
+
+
+def test_batch_all_and_batch_hard_by_hand():
+    # points on a line 0, 1 (label 0) and 1.5, 5 (label 1), margin 1; the active triplets (a, p, n):
+    # (0, 1, 1.5): 1 - 1.5 + 1 = 0.5; (1, 0, 1.5): 1 - 0.5 + 1 = 1.5; (1.5, 5, 0): 3.5 - 1.5 + 1 = 3;
+    # (1.5, 5, 1): 3.5 - 0.5 + 1 = 4; (5, 1.5, 1): 3.5 - 4 + 1 = 0.5; the other three are inactive
+    x, labels = torch.tensor([[0.0], [1.0], [1.5], [5.0]]), torch.tensor([0, 0, 1, 1])
+    assert triplet_loss(x, labels, margin=1.0, mining="batch-all").item() == pytest.approx(9.5 / 5, rel=1e-6)
+    # batch-hard: one triplet per anchor, its farthest positive and nearest negative: 0.5, 1.5, 4, 0.5
+    assert triplet_loss(x, labels, margin=1.0, mining="batch-hard").item() == pytest.approx(6.5 / 4, rel=1e-6)
+
+
+def test_mining_some_anchors_against_every_candidate_picks_what_the_whole_batch_picks():
+    # a process's anchors (rows 3 and 4 of LINE) mined among every process's rows give the rows of the square case
+    dist = pairwise_distances(LINE[3:], LINE)  # [2, 5]
+    position = torch.tensor([3, 4])
+    far_pos, near_neg, valid = hardest(dist, LINE_LABELS[3:], LINE_LABELS, position)
+    assert far_pos.tolist() == [4, 3] and near_neg.tolist() == [1, 2] and valid.all()
+    chosen, valid = semi_hard(dist, LINE_LABELS[3:], LINE_LABELS, position)
+    assert valid.nonzero().tolist() == [[0, 4], [1, 3]]
+    assert chosen[0, 4].item() == 0 and chosen[1, 3].item() == 1
+
+
+def test_pairwise_margin_loss_is_the_margin_loss_over_every_ordered_pair():
+    x = torch.randn(7, 3, generator=_gen(12))
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 2])
+    i, j = zip(*[(i, j) for i in range(7) for j in range(7) if i != j])
+    i, j = torch.tensor(i), torch.tensor(j)
+    expected = contrastive_margin_loss(x[i], x[j], labels[i] == labels[j], margin=2.5)
+    got = pairwise_margin_loss(x, labels, margin=2.5)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5) and got.item() > 0
