@@ -5,6 +5,7 @@ buys, for our pipeline and, side by side where lightly has the parts, for the sa
 Run (see benchmarks/README.md for the environment):
     .venv-bench/bin/python benchmarks/cifar10_cpu.py                                # SimCLR, ours, 4 epochs
     .venv-bench/bin/python benchmarks/cifar10_cpu.py --method moco-v2 --mode both   # ours, lightly, ratios
+    .venv-bench/bin/python benchmarks/cifar10_cpu.py --method cmc --mode random     # the untrained encoder
 Each run merges its entry into benchmarks/results/cifar10_cpu.json under "<method>/<mode>", replacing that
 method and mode's previous one.
 
@@ -18,6 +19,9 @@ What is the same in both modes: the recipe (configs/<method>-cifar10.yaml) with 
 initial weights (our build_backbone under the same seed), the split, epochs, batch size, optimiser and
 schedule (ours, so the optimiser is not a variable), torch's thread count, and the evaluation (our
 frozen-feature kNN k=200 T=0.07, linear probe and raw-pixel kNN).
+`--mode random` trains nothing: it evaluates the method's evaluated encoder (for CPC the pooled patch encoder,
+for CMC the concatenated view encoders) with the weights pretraining starts from (the same seed), under the
+same kNN and linear probe, which is what a method must beat to have learned anything.
 What differs is exactly the pipeline under test: ours decodes the images once into memory and augments
 whole batches in the training process; lightly's is per-image torchvision transforms in 2 DataLoader
 workers decoding JPEGs every epoch, and its heads, losses and momentum utilities, used as its examples do.
@@ -45,7 +49,8 @@ from contrastive import api
 from contrastive.config import Config, method_config, resolve_config
 from contrastive.data import load_splits
 from contrastive.data.preprocess import Preprocess
-from contrastive.data.views import jitter_amounts, run_view_groups, view_groups
+from contrastive.data.views import jitter_amounts, run_view_groups, run_view_size, view_groups
+from contrastive.methods.base import BuildContext
 from contrastive.nn.backbones import build_backbone
 from contrastive.training.optim import build_optimizer
 from contrastive.training.schedules import lr_at, scaled_lr
@@ -138,6 +143,26 @@ def run_ours(cfg: Config) -> dict:
         "pretrain_images": results["pretrain_images"],
         **{k: results[k] for k in ("knn_top1", "linear_top1", "raw_pixel_knn_top1")},
         "evaluation": results["evaluation"],
+    }
+
+
+def run_random(cfg: Config) -> dict:
+    """The method's evaluated encoder as built, untrained: the baseline a pretraining run must beat."""
+    torch.manual_seed(cfg.seed)  # as api.pretrain: these are the weights its training starts from
+    splits = load_splits(cfg.data)
+    train_set = splits.pretrain
+    ctx = BuildContext.for_run(cfg, train_set)
+    method = api.build_method(cfg, ctx)
+    preprocess = Preprocess.for_dataset(train_set, run_view_size(cfg, train_set.image_size))
+    evaluation = api.evaluate_encoder(method.encoder(), preprocess, splits.eval_train, splits.eval_test, cfg,
+                                      note=splits.note)
+    return {
+        "pipeline": f"contrastive {cfg.method['name']}: the evaluated encoder at its initial (random) weights, "
+                    "no pretraining",
+        "images_per_s": None, "train_seconds": 0.0, "peak_memory_mb": round(peak_memory_mb(torch.device("cpu")), 1),
+        "steps": 0, "pretrain_images": len(train_set),
+        **{k: evaluation[k] for k in ("knn_top1", "linear_top1", "raw_pixel_knn_top1")},
+        "evaluation": evaluation["evaluation"],
     }
 
 
@@ -317,7 +342,7 @@ def run_mode(args: argparse.Namespace, split: Path) -> dict:
     cfg = make_config(args, split, args.mode)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    measured = run_ours(cfg) if args.mode == "ours" else run_lightly(cfg, split)
+    measured = {"ours": run_ours, "random": run_random}.get(args.mode, lambda c: run_lightly(c, split))(cfg)
     return {
         "method": args.method,
         "mode": args.mode,
@@ -387,7 +412,8 @@ def print_table(data: dict, path: Path) -> None:
           f"{'peak MB':>9}  {'ran at':<21}budget")
     for key, r in data["runs"].items():
         b = r["budget"]
-        print(f"{key:<17}{r['images_per_s']:>10.1f}{r['knn_top1']:>10.4f}{r['linear_top1']:>9.4f}"
+        ips = "-" if r["images_per_s"] is None else f"{r['images_per_s']:.1f}"
+        print(f"{key:<17}{ips:>10}{r['knn_top1']:>10.4f}{r['linear_top1']:>9.4f}"
               f"{r['raw_pixel_knn_top1']:>9.4f}{r['train_seconds']:>9.1f}{r['peak_memory_mb']:>9.0f}  {r['date']:<21}"
               f"{b['epochs']} epochs x batch {b['batch_size']}, {r['pretrain_images']} images, "
               f"{b['threads']} threads" + (f", limit {b['limit_per_class']}/class" if b["limit_per_class"] else ""))
@@ -423,8 +449,9 @@ def child_argv(args: argparse.Namespace, mode: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="simclr", help="a method with a configs/<method>-cifar10.yaml recipe")
-    parser.add_argument("--mode", choices=("ours", "lightly", "both"), default="ours",
-                        help=f"lightly and both exist for {', '.join(LIGHTLY_METHODS)}")
+    parser.add_argument("--mode", choices=("ours", "lightly", "both", "random"), default="ours",
+                        help=f"lightly and both exist for {', '.join(LIGHTLY_METHODS)}; random evaluates the "
+                             f"untrained encoder")
     parser.add_argument("--epochs", type=int, default=4, help="pretraining epochs, the fixed budget (default 4)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (512)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
@@ -444,9 +471,9 @@ def main() -> None:
         args.out = RESULTS if args.limit_per_class is None else args.cache / "cifar10_cpu_smoke.json"
     if not recipe(args.method).is_file():
         sys.exit(f"no recipe {recipe(args.method)}; --method needs a method with a CIFAR-10 recipe")
-    if args.mode != "ours" and args.method not in LIGHTLY_METHODS:
+    if args.mode in ("lightly", "both") and args.method not in LIGHTLY_METHODS:
         sys.exit(f"--mode {args.mode}: the lightly side-by-side exists for {', '.join(LIGHTLY_METHODS)}")
-    if args.mode != "ours" and importlib.util.find_spec("lightly") is None:
+    if args.mode in ("lightly", "both") and importlib.util.find_spec("lightly") is None:
         sys.exit(f"--mode {args.mode} needs lightly 1.6, which is not installed in {sys.prefix}. Install the "
                  f"benchmark environment from benchmarks/requirements.txt: {INSTALL_HINT}")
 
