@@ -31,6 +31,12 @@ def check_labelled(labels: torch.Tensor, name: str, method: str) -> None:
                         f"with a class sub-folder for every image), or pick a self-supervised method")
 
 
+def check_classes_per_batch(classes_per_batch: int | None) -> None:
+    """Refuse, at build time, a ``method.classes_per_batch`` that is neither None (random batches) nor >= 1."""
+    if classes_per_batch is not None and classes_per_batch < 1:
+        raise ConfigError(f"method.classes_per_batch={classes_per_batch} must be >= 1, or null for random batches")
+
+
 def samples_per_class(batch_size: int, classes_per_batch: int) -> int:
     """K = train.batch_size / method.classes_per_batch, refused when it is not a whole number >= 2 (a class
     with one sample in the batch has no positive)."""

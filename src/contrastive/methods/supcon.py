@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from contrastive.data.samplers import labelled_batch_order, require_labels
+from contrastive.data.samplers import check_classes_per_batch, labelled_batch_order, require_labels
 from contrastive.errors import ConfigError
 from contrastive.losses.metric import supcon_loss
 from contrastive.methods.base import Batch, BuildContext, Method, MethodSpec, StepInfo, StepOutput
@@ -53,9 +53,7 @@ class SupCon(Method):
         super().__init__()
         if cfg.temperature <= 0:
             raise ConfigError(f"method.temperature={cfg.temperature} must be > 0")
-        if cfg.classes_per_batch is not None and cfg.classes_per_batch < 1:
-            raise ConfigError(f"method.classes_per_batch={cfg.classes_per_batch} must be >= 1, or null for random "
-                              f"batches")
+        check_classes_per_batch(cfg.classes_per_batch)
         self.cfg = cfg
         self.feature_dim = feature_dim
         self.backbone = backbone

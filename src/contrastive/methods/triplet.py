@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from contrastive.data.samplers import labelled_batch_order, require_labels
+from contrastive.data.samplers import check_classes_per_batch, labelled_batch_order, require_labels
 from contrastive.errors import ConfigError
 from contrastive.losses.metric import MINING, triplet_loss
 from contrastive.methods.base import Batch, BuildContext, Method, MethodSpec, StepInfo, StepOutput
@@ -60,9 +60,7 @@ class Triplet(Method):
             raise ConfigError(f"method.mining={cfg.mining!r}; choose one of {', '.join(MINING)}")
         if cfg.margin <= 0:
             raise ConfigError(f"method.margin={cfg.margin} must be > 0")
-        if cfg.classes_per_batch is not None and cfg.classes_per_batch < 1:
-            raise ConfigError(f"method.classes_per_batch={cfg.classes_per_batch} must be >= 1, or null for random "
-                              f"batches")
+        check_classes_per_batch(cfg.classes_per_batch)
         self.cfg = cfg
         self.feature_dim = feature_dim
         self.backbone = backbone
