@@ -3,6 +3,7 @@ import pytest
 from contrastive.config import (Config, apply_overrides, find_recipe, method_config, parse_override, recipe_dir,
                                 resolve_config)
 from contrastive.nn.audio import AUDIO_BACKBONES
+from contrastive.nn.text import TEXT_BACKBONES
 from contrastive.errors import ConfigError
 
 
@@ -85,6 +86,11 @@ def test_every_shipped_recipe_resolves_and_takes_a_training_step(name):
     method = build_method(cfg, ctx)
     shape = (cfg.views.window,) if audio else (size, size)
     views = [torch.randn(n, channels, *shape) for _ in range(cfg.views.n_views)]
+    ids = torch.randint(1000, 2000, (n, 12))  # token ids of words (not special tokens, not padding)
+    if cfg.backbone["name"] in TEXT_BACKBONES:  # sentences: one view, or the columns of pairs and triples
+        views = [ids] * (3 if method_name == "simcse-sup" else 1)
+    elif "text" in cfg.method:  # image-caption pairs: a crop and a caption
+        views = [views[0], ids]
     batch = Batch(views=views, index=torch.arange(n), label=torch.arange(n) % 2)
     info = StepInfo(step=0, epoch=0, total_steps=10, steps_per_epoch=8, epochs=cfg.train.epochs)
     out = method(batch, step=info)

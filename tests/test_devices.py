@@ -174,10 +174,15 @@ def _library_methods() -> list[str]:
 def _tiny_method(name: str, n: int = 8):
     """The method built from its digits (else CIFAR-10, else spoken-digits) recipe for a batch of n images at
     16 px (audio: windows of 1,280 samples), a batch for it, and a StepInfo."""
-    recipe = next((p for p in (recipe_dir() / f"{name}-{d}.yaml" for d in ("digits", "cifar10", "spoken-digits"))
+    recipe = next((p for p in (recipe_dir() / f"{name}{d}.yaml" for d in ("-digits", "-cifar10", "-spoken-digits", ""))
                    if p.is_file()), None)
     assert recipe is not None, f"{name} has no digits or cifar10 recipe; add configs/{name}-digits.yaml"
     cfg = resolve_config(recipe=recipe)
+    text = data_modality(cfg.data) in ("text", "image-text")
+    if text:  # a small text encoder in place of the recipe's MiniLM: the same code paths, a fraction of the time
+        tiny = {"name": "text_transformer", "width": 32, "depth": 1, "heads": 2}
+        cfg = resolve_config(recipe=recipe, tree={"method": {"text": tiny}} if "text" in cfg.method else
+                             {"backbone": tiny})
     channels = 1 if recipe.stem.endswith("digits") else 3
     ctx = BuildContext(channels=channels, image_size=16, dataset_size=64, num_classes=10, batch_size=n, world_size=1,
                        steps_per_epoch=4, epochs=2, backbone_section=cfg.backbone, mean=(0.5,) * channels,
@@ -187,6 +192,9 @@ def _tiny_method(name: str, n: int = 8):
     g = torch.Generator().manual_seed(1)
     side = [1280] if data_modality(cfg.data) == "audio" else [16, 16]  # 16 frames of 80 samples
     views = [torch.randn(n, channels, *side, generator=g) for _ in range(cfg.views.n_views)]
+    if text:  # token ids of words: sentences (the columns of triples for simcse-sup), or a crop and a caption
+        ids = torch.randint(1000, 2000, (n, 12), generator=g)
+        views = ([views[0], ids] if "text" in cfg.method else [ids] * (3 if name == "simcse-sup" else 1))
     batch = Batch(views=views, index=torch.randperm(64, generator=g)[:n], label=torch.arange(n) % 10)
     return method, batch, StepInfo(step=1, epoch=0, total_steps=8, steps_per_epoch=4, epochs=2)
 
@@ -216,12 +224,25 @@ def test_every_backbone_stays_on_the_input_device():
     position embedding) at another one."""
     from contrastive.nn.audio import AUDIO_BACKBONES
     from contrastive.nn.backbones import build_backbone
+    from contrastive.nn.text import TEXT_BACKBONES
 
     backbones = [n for n in names("backbones") if lookup("backbones", n).build.__module__.startswith("contrastive.")]
     assert {"small_cnn", "resnet18"} <= set(backbones)
     for name in backbones:
         torch.manual_seed(0)
-        model, dim = build_backbone({"name": name, **_BACKBONE_SECTIONS.get(name, {})}, in_channels=3, image_size=32)
+        section = {"name": name, **_BACKBONE_SECTIONS.get(name, {})}
+        if name == "hf_text":  # a local model directory is all it needs
+            from contrastive.nn.text import minilm_path
+
+            section["path"] = minilm_path()
+        model, dim = build_backbone(section, in_channels=3, image_size=32)
+        if name in TEXT_BACKBONES:  # token ids in, of two lengths; the gradient reaches the weights
+            for length in (7, 12):
+                out = guarded(model, torch.randint(1000, 2000, (2, length)))
+                guarded(out.sum().backward)
+                assert out.shape == (2, dim), name
+                _on_cpu(out, [p.grad for p in model.parameters() if p.grad is not None])
+            continue
         for side in (32, 48):
             shape = (side * 40,) if name in AUDIO_BACKBONES else (side, side)  # waveforms, or images
             x = torch.randn(2, 3, *shape, requires_grad=True)

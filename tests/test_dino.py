@@ -413,7 +413,8 @@ def test_two_processes_equal_one(tmp_path):
         return [float(r.split(",")[col]) for r in rows[1:]]
 
     assert len(losses(tmp_path / "single")) == 4
-    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-6)
+    # float32 losses near 4 (an ulp is 4.8e-7), summed in another order over two processes: a few ulp apart
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=5e-6)
     ddp = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["method"]
     one = load_checkpoint(tmp_path / "single" / "checkpoint.pt")["method"]
     for k, v in one.items():  # student, teacher and centre agree after 4 steps

@@ -137,14 +137,16 @@ FIRST_LAYER = {"simclr": ["Linear", "BatchNorm1d", "ReLU"], "simclr-v2": ["Linea
                "byol": ["Linear", "BatchNorm1d", "ReLU"], "simsiam": ["Linear", "BatchNorm1d", "ReLU"],
                "dino": ["Linear", "BatchNorm1d", "GELU"], "cpc": ["Linear"], "siamese": ["Linear", "BatchNorm1d", "ReLU"],
                "triplet": ["Linear", "BatchNorm1d", "ReLU"], "supcon": ["Linear", "ReLU"],
-               # None: no single head over the encoder's output (CMC: one per view; CPC on sound: none)
-               "cmc": None, "cpc-audio": None}
+               # None: no single head over the encoder's output (CMC: one per view; CPC on sound: none; SimCSE: a
+               # sentence encoder, its MLP inside encoder() where it is kept at test)
+               "cmc": None, "cpc-audio": None, "simcse": None, "simcse-sup": None,
+               "clip": ["Linear"]}  # W_i, into the joint image-text space
 
 
 def _from_recipe(name: str):
     """``name`` built from its digits recipe (else CIFAR-10's) for 16 px images, with running statistics
     that are not the initial 0 and 1, in eval mode; and the number of channels."""
-    recipe = next(p for p in (recipe_dir() / f"{name}-{d}.yaml" for d in ("digits", "cifar10", "spoken-digits"))
+    recipe = next(p for p in (recipe_dir() / f"{name}{d}.yaml" for d in ("-digits", "-cifar10", "-spoken-digits", ""))
                   if p.is_file())
     cfg = resolve_config(recipe=recipe)
     channels = 1 if recipe.stem.endswith("digits") else 3

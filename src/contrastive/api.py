@@ -34,7 +34,7 @@ from contrastive.config import (
 )
 from contrastive.data import load_splits
 from contrastive.data.modality import modality_of
-from contrastive.data.preprocess import AudioPreprocess, Preprocess
+from contrastive.data.preprocess import AudioPreprocess, Preprocess, TextPreprocess
 from contrastive.data.views import run_view_size
 from contrastive.data.splits import seen_in_pretraining
 from contrastive.errors import CheckpointError, DataError
@@ -96,8 +96,9 @@ def _pretrain(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.train.output)
     # every process decodes its own copy at once; only a download is rank 0's alone, first (data/named.py)
     splits = load_splits(cfg.data, evaluate=cfg.eval.enabled is not False)
-    train_set = splits.pretrain
-    evaluate = cfg.eval.enabled is not False and splits.eval_test is not None
+    modality = modality_of(splits.pretrain)
+    train_set = modality.prepare(splits.pretrain, cfg)  # text: tokenised by the encoder's tokenizer
+    evaluate = cfg.eval.enabled is not False and modality.can_evaluate(splits, cfg)
     if cfg.eval.enabled and not evaluate:
         raise DataError(f"{cfg.data.name} has no labels to evaluate with ({splits.note}); pass "
                         f"--train-data and --test-data with labelled folders, or --no-eval")
@@ -114,7 +115,7 @@ def _pretrain(cfg: Config) -> dict[str, Any]:
     t0 = time.perf_counter()
     trainer = Trainer(cfg, method, train_set, out)
     fit = trainer.fit()
-    preprocess = modality_of(train_set).preprocess(train_set, size)
+    preprocess = modality.preprocess(train_set, size)
     results: dict[str, Any] = {
         "method": cfg.method["name"],
         "backbone": cfg.backbone["name"],
@@ -134,8 +135,7 @@ def _pretrain(cfg: Config) -> dict[str, Any]:
         save_encoder(method, cfg, ctx, preprocess, out / "encoder.pt")
         results["encoder"] = str(out / "encoder.pt")
     if evaluate and distributed.is_main():
-        results.update(evaluate_encoder(method.encoder(), preprocess, splits.eval_train, splits.eval_test, cfg,
-                                        note=splits.note))
+        results.update(modality.evaluate(method, preprocess, splits, cfg, note=splits.note))
     if distributed.is_main():
         results["curves"] = draw_curves(out, results)
         write_results(results, out)
@@ -281,6 +281,19 @@ def evaluate(checkpoint: str | Path, data: DataConfig, *, protocols: tuple[str, 
                            [o for o in overrides if o.strip().startswith("data.")]).data
     data = _at_encoder_size(data, info["preprocess"])
     cfg.data = data
+    if isinstance(info["preprocess"], TextPreprocess):  # a sentence encoder: STS and SentEval (eval.*)
+        from contrastive.data.modality import evaluate_text_encoder
+        from contrastive.data.text_data import text_root
+
+        dev = resolve_device(cfg.train.device)
+        res = {"checkpoint": str(checkpoint), **evaluate_text_encoder(encoder.to(dev), info["preprocess"], cfg,
+                                                                      text_root(data), device=dev,
+                                                                      note=f"sentence encoder of {checkpoint}")}
+        if output is not None:
+            Path(output).mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, Path(output) / "config.yaml")
+            write_results(res, output)
+        return res
     splits = load_splits(data)
     seen = seen_in_pretraining(pretrained.data, pretrained.eval.enabled is not False, data)
     if seen:
@@ -311,12 +324,95 @@ def embed(checkpoint: str | Path, data: DataConfig, output: str | Path, *, split
     if not sets:
         raise DataError(f"{data.name} has no {split} split ({splits.note})")
     dev = resolve_device(device)
+    joint = _joint_embedders(checkpoint, sets[0])
+    if joint is not None:  # a clip run: images and captions, or sentences, in the joint space
+        return _embed_joint(joint, sets, output, split=split, note=splits.note, batch_size=batch_size, device=dev)
+    sets = [modality_of(s).for_encoder(s, info["preprocess"]) for s in sets]  # text: tokenised as in training
     xs, ys = zip(*(extract_features(encoder.to(dev), s, preprocess=info["preprocess"], batch_size=batch_size,
                                     device=dev) for s in sets))
     feats, labels = torch.cat(xs), torch.cat(ys)
     paths = save_embeddings(feats, labels, output)
     return {"features": [str(p) for p in paths], "images": int(feats.shape[0]), "dim": int(feats.shape[1]),
             "split": split, "note": splits.note, "classes": sets[0].classes}
+
+
+def load_method(path: str | Path) -> tuple[Method, dict]:
+    """The whole method of a checkpoint.pt (or the run folder holding one), in eval mode on the CPU, with its
+    run ``config`` and ``preprocess``: what needs more than the encoder (clip's two towers)."""
+    path = run_file(path)
+    raw = read_file(path)
+    if not is_checkpoint(raw):
+        raise CheckpointError(f"{path} is not a checkpoint.pt written by this version of contrastive; give the run "
+                              f"folder or its checkpoint.pt (an encoder.pt holds the evaluated encoder only)")
+    cfg = build_dataclass(Config, raw["config"], "")
+    method = _rebuild(cfg, BuildContext(**raw["context"]))
+    try:
+        method.load_state_dict(raw["method"], assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the weights do not fit the method its config describes ({e})") from None
+    return _materialised(method, path).eval(), {"config": cfg, "preprocess": Preprocess.from_dict(raw["preprocess"])}
+
+
+def _joint_embedders(checkpoint: str | Path, dataset) -> tuple[Method, dict] | None:
+    """(clip method, info) when ``checkpoint`` is a run of a method with an image and a text tower and
+    ``dataset`` holds captions or sentences; None otherwise (the encoder alone embeds)."""
+    if getattr(dataset, "modality", "image") not in ("image-text", "text"):
+        return None
+    path = run_file(checkpoint)
+    raw = read_file(path)
+    if not is_checkpoint(raw):
+        return None
+    spec = lookup("methods", raw["config"].get("method", {}).get("name"))
+    if "text" not in getattr(spec.config_class, "__dataclass_fields__", {}):  # no text tower (method.text)
+        return None
+    return load_method(path)
+
+
+def _embed_joint(joint: tuple[Method, dict], sets: list, output: str | Path, *, split: str, note: str,
+                 batch_size: int, device: torch.device) -> dict[str, Any]:
+    """A clip run's embeddings: images (``output``) and their captions (``<stem>.captions.npy``, the caption
+    texts in ``<stem>.captions.txt`` and each caption's image row in ``<stem>.caption_image.npy``), or, for text,
+    one vector per sentence (``output``), all in the joint space."""
+    from contrastive.evaluation.embed import save_array
+    from contrastive.evaluation.sts import encode_sentences
+    from contrastive.nn.text import load_tokenizer, text_max_tokens, text_tokenizer_path
+
+    method, info = joint
+    section = method_config(info["config"]).text
+    tokenizer = load_tokenizer(text_tokenizer_path(section))
+    texts = method.text_embedder().to(device)
+
+    def encode(sentences: list[str]) -> torch.Tensor:
+        return encode_sentences(texts, tokenizer, sentences, batch_size=batch_size,
+                                max_length=text_max_tokens(section), device=device)
+
+    out = Path(output)
+    if sets[0].modality == "text":
+        rows = [r for s in sets for r in s.rows]
+        if not isinstance(rows[0], str):
+            raise DataError(f"{sets[0].name} holds rows of several sentences; embed a file of one sentence a line")
+        feats = encode(rows)
+        paths = save_embeddings(feats, None, out)
+        return {"features": [str(p) for p in paths], "images": len(rows), "sentences": len(rows),
+                "dim": int(feats.shape[1]), "split": split, "note": note, "classes": None}
+    images = method.image_embedder().to(device)
+    feats, labels = zip(*(extract_features(images, s, preprocess=info["preprocess"], batch_size=batch_size,
+                                           device=device) for s in sets))
+    z_img = torch.cat(feats)
+    captions = [c for s in sets for caps in s.captions for c in caps]
+    owner, base = [], 0
+    for s in sets:
+        owner += [base + i for i, caps in enumerate(s.captions) for _ in caps]
+        base += len(s)
+    z_txt = encode(captions)
+    stem = out.with_suffix("")
+    paths = save_embeddings(z_img, None, out) + save_embeddings(z_txt, None, Path(f"{stem}.captions.npy"))
+    paths.append(save_array(torch.tensor(owner), Path(f"{stem}.caption_image.npy")))
+    text_file = Path(f"{stem}.captions.txt")
+    text_file.write_text("".join(c.replace("\n", " ") + "\n" for c in captions), encoding="utf-8")
+    paths.append(text_file)
+    return {"features": [str(p) for p in paths], "images": int(z_img.shape[0]), "captions": len(captions),
+            "dim": int(z_img.shape[1]), "split": split, "note": note, "classes": None}
 
 
 def _at_encoder_size(data: DataConfig, pre: Preprocess | AudioPreprocess) -> DataConfig:

@@ -286,12 +286,21 @@ def _report_runs(a: argparse.Namespace) -> int:
 def _report(res: dict, folder: Path) -> None:
     lines = []
     for key, label in (("knn_top1", "kNN top-1"), ("linear_top1", "linear top-1"),
-                       ("raw_pixel_knn_top1", "raw-pixel kNN top-1 (baseline)")):
+                       ("raw_pixel_knn_top1", "raw-pixel kNN top-1 (baseline)"),
+                       ("mfcc_knn_top1", "MFCC kNN top-1 (baseline)"),
+                       ("stsb_dev_spearman", "STS-B dev Spearman"), ("sick_test_spearman", "SICK test Spearman"),
+                       ("senteval_linear_mean", "SentEval linear, mean"),
+                       ("bow_senteval_linear_mean", "bag-of-words SentEval (baseline)"),
+                       ("zero_shot_top1", "zero-shot top-1"), ("zero_shot_chance", "zero-shot chance")):
         if key in res:
             lines.append(f"  {label:<32} {res[key]:.4f}")
+    for key, value in res.get("retrieval", {}).items():
+        chance = res.get("retrieval_chance", {}).get(key)
+        lines.append(f"  {'recall ' + key:<32} {value:.4f}" + (f" (chance {chance:.4f})" if chance is not None else ""))
     if "evaluation" in res:
         ev = res["evaluation"]
-        lines.insert(0, f"evaluated on {ev['test_images']} images ({ev['split']}):")
+        where = f" on {ev['test_images']} images" if "test_images" in ev else ""
+        lines.insert(0, f"evaluated{where} ({ev['split']}):")
     if "images_per_s" in res:
         lines.append(f"  {'training images/s':<32} {res['images_per_s']:.1f} ({res['device']})")
         lines.append(f"  {'peak memory MiB':<32} {res['peak_memory_mb']:.0f}")

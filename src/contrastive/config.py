@@ -7,6 +7,7 @@ registered part, and the other keys of that section are checked against that par
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -181,6 +182,22 @@ class EvalConfig:
                                     "baseline's memory (50,000 images at 224 px would be 30 GB of floats); "
                                     "null: the encoder's input side.")
     batch_size: int = _f(512, "Batch size of feature extraction.")
+    sts: list = _f(["stsb-dev", "sick-test"], "Text: the STS sets whose Spearman correlation (cosine similarity "
+                   "against the human scores, all pairs at once, as SimCSE's evaluation) is measured: any of stsb-dev, "
+                   "stsb-train, sick-train, sick-trial, sick-test, read from data.data_dir (the shared "
+                   "text-sts-senteval set); [] for none.")
+    senteval: list = _f(["mr", "cr", "subj", "mpqa", "trec", "sst2"], "Text: SentEval classification sets probed "
+                        "with the frozen sentence embeddings (the kNN and the linear probe above; MR, CR, SUBJ and "
+                        "MPQA by stratified cross-validation, TREC and SST on their test split), beside a bag-of-words "
+                        "baseline under the same probe when raw_pixel_baseline is on; SimCSE's transfer tasks less "
+                        "MRPC. Any of mr, cr, subj, mpqa, trec, sst2, sst5; [] for none.")
+    senteval_folds: int = _f(10, "Text: cross-validation folds of the SentEval sets without a test split (SentEval's "
+                             "10).")
+    zero_shot: str | None = _f(None, "Image-caption runs (clip): an image dataset or labelled folder whose test side "
+                               "is classified zero-shot, each image to the class whose prompts' text embedding is "
+                               "nearest (CLIP, Sec. 3.1.4); its data.* settings are the run's. None: no zero-shot.")
+    prompts: list = _f(["a photo of a {}."], "Image-caption runs: the prompt templates of zero-shot classification, "
+                       "{} the class name; several are averaged in embedding space (CLIP's prompt ensemble).")
     n_mfcc: int = _f(20, "Audio: MFCCs per frame of the baseline (their mean and std over the clip through the same "
                      "kNN and linear probe); 13-20 is the usual range for speech, 20 is librosa's default.")
 
@@ -303,7 +320,9 @@ def _deep_merge(base: dict, update: dict, *, top: bool = True) -> dict:
     for k, v in update.items():
         old = out.get(k)
         if isinstance(v, dict) and isinstance(old, dict):
-            renamed = top and k in _OPEN_SECTIONS and "name" in v and v["name"] != old.get("name")
+            # a section naming another thing (backbone, method, a method's own section such as clip's text
+            # tower) replaces the old one: the old one's fields would not be the new one's
+            renamed = (not top or k in _OPEN_SECTIONS) and "name" in v and v["name"] != old.get("name")
             out[k] = dict(v) if renamed else _deep_merge(old, v, top=False)
         else:
             out[k] = v
@@ -370,7 +389,7 @@ def resolve_config(
     family and derives the settings that fit the data and the device, recorded in the ``auto`` section.
     """
     parsed = [parse_override(o) for o in overrides]
-    layer: dict = _deep_merge({}, tree or {})
+    layer: dict = _deep_merge({}, copy.deepcopy(tree or {}))  # the overrides below never write into the caller's
     for path, value in parsed:
         _set_path(layer, path, value)
     if isinstance(recipe, dict):

@@ -293,7 +293,7 @@ class AudioViews:
         self.gain_db = (float(g[0]), float(g[1]))
         self.mean, self.std = float(mean[0]), float(std[0])
 
-    def __call__(self, clips: Tensor, generator: torch.Generator) -> list[Tensor]:
+    def __call__(self, clips: Tensor, generator: torch.Generator, index: Tensor | None = None) -> list[Tensor]:
         if not clips.is_floating_point() or clips.ndim != 3 or clips.shape[1] != 1:
             raise ValueError(f"AudioViews expects float clips [B, 1, T], got {clips.dtype} {tuple(clips.shape)}")
         b, _, t = clips.shape

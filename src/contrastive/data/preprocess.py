@@ -1,5 +1,5 @@
 """What an encoder expects as input, saved with every checkpoint so any later evaluation feeds it right: images
-(``Preprocess``) or audio clips (``AudioPreprocess``)."""
+(``Preprocess``), audio clips (``AudioPreprocess``) or sentences (``TextPreprocess``)."""
 
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ class Preprocess:
         return cls(dataset.channels, size or dataset.image_size, tuple(dataset.mean), tuple(dataset.std))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocess | AudioPreprocess":
-        """What ``asdict`` of either kind gave back (an audio one says so in its ``modality`` field)."""
+    def from_dict(cls, d: dict) -> "Preprocess | AudioPreprocess | TextPreprocess":
+        """What ``asdict`` of any kind gave back (audio and text say so in their ``modality`` field)."""
         if d.get("modality") == "audio":
             return AudioPreprocess(int(d["sample_rate"]), tuple(d["mean"]), tuple(d["std"]))
+        if d.get("modality") == "text":
+            return TextPreprocess(str(d["tokenizer"]), int(d["max_tokens"]), int(d["pad_id"]))
         return cls(int(d["channels"]), int(d["size"]), tuple(d["mean"]), tuple(d["std"]))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -69,3 +71,31 @@ class AudioPreprocess:
         present = (~torch.isnan(clips[:, 0])).sum(1)  # [B] samples of each clip
         longest = int(present.max()) if len(clips) else 0  # what is past every clip's end is padding: cut off
         return (clips[..., :max(longest, 1)] - self.mean[0]) / self.std[0]
+
+
+@dataclass(frozen=True)
+class TextPreprocess:
+    """Sentences are tokenised by the tokenizer in the directory ``tokenizer``, truncated at ``max_tokens``; a
+    batch of token ids [B, L] padded with ``pad_id`` is cut after its longest sentence (the encoder derives the
+    attention mask from the padding id)."""
+
+    tokenizer: str
+    max_tokens: int
+    pad_id: int
+    modality: str = "text"
+
+    def check(self, dataset) -> None:
+        if getattr(dataset, "modality", "image") != "text":
+            raise DataError(f"the encoder reads sentences; {dataset.name} holds {dataset.modality} data")
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype != torch.long or ids.ndim != 2:
+            raise DataError(f"a text encoder reads token ids int64 [B, L]; got {ids.dtype} {tuple(ids.shape)}")
+        return trim_padding(ids, self.pad_id)
+
+
+def trim_padding(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Token ids [..., L] cut after the last position where any row holds a token (one host sync)."""
+    used = (ids != pad_id).flatten(0, -2).any(dim=0)  # [L]
+    longest = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+    return ids[..., :longest]

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from contrastive.config import DataConfig
-from contrastive.data import audio, named  # noqa: F401  (fill the dataset registry)
+from contrastive.data import audio, captions, named, text_data  # noqa: F401  (fill the dataset registry)
 from contrastive.data.datasets import ImageDataset, Splits, is_labelled, subset
 from contrastive.data.folder import open_folder, scan_folder, survey_sizes
 from contrastive.errors import ConfigError, DataError
@@ -77,8 +77,22 @@ def _open(source: str, cfg: DataConfig, *, image_size: int | None = None,
     if not path.exists():
         raise DataError(f"data {source!r} is neither a dataset name ({', '.join(names('datasets'))}) nor an "
                         f"existing path: {path.absolute()} does not exist")
+    if text_data.is_text_file(path):
+        return text_data.open_text_file(path)
     if not path.is_dir():
-        raise DataError(f"{path} is a file; give a folder of images (class sub-folders optional) or a dataset name")
+        raise DataError(f"{path} is a file; give a folder of images (class sub-folders optional), a text file "
+                        f"({', '.join(text_data.TEXT_SUFFIXES)}) or a dataset name")
+    if captions.is_caption_folder(path):
+        ds = captions.open_caption_folder(path, cfg)
+        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.split_seed))
+        held = round(cfg.holdout * len(ds))
+        if held < 1 or held >= len(ds):
+            raise DataError(f"{path}: data.holdout={cfg.holdout} of {len(ds)} images leaves no images to "
+                            f"{'test retrieval on' if held < 1 else 'train on'}; change data.holdout")
+        test, train = ds.take(perm[:held].sort().values), ds.take(perm[held:].sort().values)
+        return Splits(train, None, test, note=f"{path}: {len(train):,} images with captions to pretrain on, "
+                                              f"{held:,} ({cfg.holdout:.0%}, seed {cfg.split_seed}) held out to "
+                                              f"test retrieval on")
     opener = audio.open_wav_folder if audio.is_audio_folder(path) else open_folder
     layout = split_layout(path)
     if layout is None:
@@ -115,6 +129,8 @@ def _with_label(s: Splits, label: str | None) -> Splits:
 
 def _complete(s: Splits, source: str, cfg: DataConfig) -> Splits:
     """Fill a missing test side by holding out part of the labelled train side."""
+    if s.eval_train is None and s.pretrain.modality in ("text", "image-text"):
+        return s  # evaluated on their own sets (STS and SentEval; retrieval on the held-out images)
     if s.eval_train is None:
         return Splits(s.pretrain, None, None,
                       note=f"{source} is unlabeled (no class sub-folders), so there is no evaluation: it needs "

@@ -259,7 +259,8 @@ class TensorViews:
             self._constants[device] = (mean, std)
         return self._constants[device]
 
-    def __call__(self, images: Tensor, generator: torch.Generator) -> list[Tensor]:
+    def __call__(self, images: Tensor, generator: torch.Generator, index: Tensor | None = None) -> list[Tensor]:
+        # ``index`` (the batch's dataset indices) is not needed for crops of images
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != self.channels:
             raise ValueError(f"TensorViews expects uint8 images [B, {self.channels}, H, W], "
                              f"got {images.dtype} {tuple(images.shape)}")

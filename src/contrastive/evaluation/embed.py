@@ -57,3 +57,11 @@ def save_embeddings(feats: Tensor, labels: Tensor | None, path: str | Path) -> l
     else:
         labels_path(path).unlink(missing_ok=True)
     return written
+
+
+def save_array(values: Tensor, path: str | Path) -> Path:
+    """Any tensor as ``.npy`` at ``path``, written atomically (a clip run's caption -> image rows)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save(torch.as_tensor(values).detach().cpu().numpy(), path)
+    return path

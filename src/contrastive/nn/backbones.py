@@ -27,23 +27,25 @@ class BackboneSpec:
     build: Callable[..., tuple[nn.Module, int]]
 
 
-def backbone_config(section: Mapping[str, Any]) -> tuple[str, Any]:
-    """``{"name": ..., **fields}`` -> (name, that backbone's typed config); unknown keys raise."""
+def backbone_config(section: Mapping[str, Any], where: str = "backbone") -> tuple[str, Any]:
+    """``{"name": ..., **fields}`` -> (name, that backbone's typed config); unknown keys raise, naming the
+    section as ``where`` (``backbone``; ``method.text`` for CLIP's text tower)."""
     fields = dict(section)
     name = fields.pop("name", None)
     if not isinstance(name, str):
-        raise ConfigError("backbone.name is missing; pick a backbone, for example backbone.name=resnet18")
-    return name, build_dataclass(lookup("backbones", name).config_class, fields, "backbone")
+        raise ConfigError(f"{where}.name is missing; pick a backbone, for example {where}.name=resnet18")
+    return name, build_dataclass(lookup("backbones", name).config_class, fields, where)
 
 
-def build_backbone(section: Mapping[str, Any], *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+def build_backbone(section: Mapping[str, Any], *, in_channels: int, image_size: int,
+                   where: str = "backbone") -> tuple[nn.Module, int]:
     """The backbone that ``section`` (the ``backbone:`` config: name plus its own fields) names, and its
     feature dimension.
 
     The module maps [B, in_channels, H, W] float -> [B, feature_dim]. An unknown name raises a ConfigError
     listing the registered backbones.
     """
-    name, cfg = backbone_config(section)
+    name, cfg = backbone_config(section, where)
     return lookup("backbones", name).build(cfg, in_channels=in_channels, image_size=image_size)
 
 
@@ -171,3 +173,5 @@ from contrastive.nn import vit as _vit  # noqa: E402,F401
 # CPC's 1-D waveform encoder (cpc-audio) registers here as well, so `--backbone cpc_audio_conv` is known
 # wherever backbones are.
 from contrastive.nn import audio as _audio  # noqa: E402,F401
+# The text encoders (minilm, hf_text, text_transformer) too; transformers is imported when one is built.
+from contrastive.nn import text as _text  # noqa: E402,F401

