@@ -3,7 +3,7 @@ transformer trained from scratch with `simcse` beside a bag-of-words baseline un
 
 Run (from the repository root, on an otherwise idle machine), one run or several at a time:
     .venv/bin/python benchmarks/text_cpu.py --runs shipped simcse simcse-sup scratch
-Writes (merging into) benchmarks/results/text_cpu.json, one entry per run.
+Writes (merging into) benchmarks/results/text_cpu.json, one entry per run (with --tag, a variant's entry beside it).
 
 Data: ../shared/data/text-sts-senteval.tar.gz. `simcse` and `scratch` pretrain on the 15,337 distinct sentences of
 STS-B train and SICK train (`sts-sentences`), `simcse-sup` on the 259 (premise, entailment, contradiction) triples
@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--scratch-set", nargs="*", default=[], help="key=value overrides of the scratch run")
     parser.add_argument("--output", type=Path, default=Path(".bench/text"))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--tag", default="", help="stored as '<run> (<tag>)', beside the recipe's own entry (for a "
+                        "variant such as --simcse-set train.max_steps=40 --tag '40 steps')")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for name in args.runs:
@@ -96,7 +98,7 @@ def main() -> None:
                         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                         "load_average_before": [round(x, 2) for x in load_before]},
         })
-        results[name] = entry
+        results[f"{name} ({args.tag})" if args.tag else name] = entry
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
         sts = f"STS-B dev {entry['stsb_dev_spearman']:.4f}, SICK test {entry['sick_test_spearman']:.4f}"

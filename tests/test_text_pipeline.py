@@ -65,6 +65,10 @@ def test_simcse_on_a_text_file_resumes_exactly_and_embeds_one_vector_a_line(tmp_
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
     with pytest.raises(ConfigError, match="does not read sentences"):  # an image backbone on text
         api.pretrain(_text_cfg(tmp_path, "bad", *off, "backbone.name=small_cnn"))
+    from contrastive.evaluation.finetune import finetune
+
+    with pytest.raises(ConfigError, match="fine-tuning"):
+        finetune(DataConfig(name="digits"), "10%", tmp_path / "ft", checkpoint=tmp_path / "full" / "checkpoint.pt")
 
 
 @pytest.mark.slow
@@ -142,3 +146,13 @@ def test_clip_on_a_caption_folder_resumes_exactly_and_reports_retrieval_and_zero
         api.pretrain(_clip_cfg(tmp_path, "bad", "views.n_views=2"))
     with pytest.raises(DataError, match="holdout"):
         api.pretrain(_clip_cfg(tmp_path, "bad", "data.holdout=0.01"))
+
+
+def test_sentences_without_a_recipe_take_the_methods_own(tmp_path):
+    corpus = _sentences(tmp_path / "corpus.txt")
+    cfg = resolve_config(tree={"method": {"name": "simcse"}, "data": {"name": str(corpus)}})
+    assert cfg.backbone["name"] == "minilm" and cfg.optim.lr == 1e-5  # configs/simcse.yaml, nothing derived
+    assert cfg.auto["recipe"].startswith("simcse.yaml: the method's recipe for text data")
+    with pytest.raises(ConfigError, match="does not read sentences"):  # an image method's recipe: its backbone
+        api.pretrain(resolve_config(tree={"method": {"name": "triplet"}, "data": {"name": str(corpus)},
+                                          "train": {"output": str(tmp_path / "bad")}}))

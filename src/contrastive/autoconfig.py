@@ -70,10 +70,20 @@ def derive(method: str, layer: dict) -> tuple[dict, dict[str, str]]:
     (flags and ``key=value``): the family recipe with the derived values set, for ``layer`` to overlay, and
     each choice's reason by key."""
     from contrastive.config import DataConfig, TrainConfig, build_dataclass, read_yaml, recipe_dir
+    from contrastive.data.modality import data_modality
     from contrastive.data.splits import probe
     from contrastive.machine import describe
 
     data = build_dataclass(DataConfig, dict(layer.get("data") or {}), "data")
+    kind = data_modality(data)
+    if kind in ("text", "image-text"):  # nothing is derived from sentences: the method's own recipe
+        found = recipe_dir() / f"{method}.yaml"
+        if not found.is_file():
+            raise ConfigError(f"{data.name} holds {kind} data and {method} has no recipe for it (configs/{method}.yaml); "
+                              f"train a method for it ({'simcse, simcse-sup' if kind == 'text' else 'clip'}) or "
+                              f"pass a recipe with --config")
+        return read_yaml(found), {"recipe": f"{found.name}: the method's recipe for {kind} data (--config to pick "
+                                            f"another)"}
     shape = probe(data, evaluate=_get(layer, "eval.enabled") is not False)
     device = _device(layer)
     cpu = device.type == "cpu"

@@ -114,6 +114,9 @@ def finetune(data: DataConfig, labels: str, output: str | Path, *, checkpoint: s
     if checkpoint is not None:
         method, encoder, info = load_method(checkpoint)
         preprocess: Preprocess = info["preprocess"]
+        if not isinstance(preprocess, Preprocess):  # sentences or sound: fine-tuning trains image classifiers
+            raise ConfigError(f"{checkpoint} holds an encoder of {preprocess.modality}; fine-tuning (and distillation) "
+                              f"train image classifiers: evaluate it with contrastive eval (kNN, linear probe, STS)")
         if method is None and from_layer:
             raise ConfigError(f"--from-layer {from_layer}: {checkpoint} is an encoder.pt, which holds the encoder "
                               f"alone; fine-tuning from a projection-head layer needs the run's checkpoint.pt")
