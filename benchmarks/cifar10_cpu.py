@@ -46,15 +46,17 @@ from pathlib import Path
 import torch
 
 from contrastive import api
-from contrastive.config import Config, method_config, resolve_config
+from contrastive.config import Config
+from contrastive.methods import method_config
+from contrastive.configure import resolve_config
 from contrastive.data import load_splits
 from contrastive.data.preprocess import Preprocess
 from contrastive.data.views import jitter_amounts, run_view_groups, run_view_size, view_groups
 from contrastive.methods.base import BuildContext
 from contrastive.nn.backbones import build_backbone
-from contrastive.training.optim import build_optimizer
-from contrastive.training.schedules import lr_at, scaled_lr
-from contrastive.training.trainer import peak_memory_mb
+from contrastive.optim.optimizers import build_optimizer
+from contrastive.optim.schedules import lr_at, scaled_lr
+from contrastive.device import peak_memory_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contrastive.evaluation.classifier import count_parameters
+from contrastive.stages.classifier import count_parameters
 from contrastive.export import export, load_exportable
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cifar10_cpu  # noqa: E402  (the CIFAR-10 benchmark's held-out split)
 
 from contrastive import api  # noqa: E402
-from contrastive.config import resolve_config  # noqa: E402
+from contrastive.configure import resolve_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "configs" / "clip.yaml"

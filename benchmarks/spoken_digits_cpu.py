@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from contrastive import api
-from contrastive.config import resolve_config
+from contrastive.configure import resolve_config
 from contrastive.data import load_splits
 from contrastive.data.modality import modality_of
 from contrastive.methods.base import BuildContext

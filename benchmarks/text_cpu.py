@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from contrastive import api
-from contrastive.config import resolve_config
+from contrastive.configure import resolve_config
 from contrastive.data.modality import evaluate_text_encoder
 from contrastive.data.preprocess import TextPreprocess
 from contrastive.data.text_data import text_root

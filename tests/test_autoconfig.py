@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from contrastive import autoconfig, machine
-from contrastive.config import dump_config, read_yaml, resolve_config, to_dict
+from contrastive.config import read_yaml, to_dict
+from contrastive.runs import write_config
+from contrastive.configure import resolve_config
 from contrastive.data.splits import probe
 from contrastive.config import DataConfig
 
@@ -103,7 +105,7 @@ def test_the_choice_repeats_and_config_yaml_reproduces_it(tmp_path):
     assert a.pop("auto").keys() == b.pop("auto").keys()  # the reasons quote the free memory of the moment
     assert a == b
     a = resolve_config(tree={"data": {"name": str(root)}}, overrides=CPU)
-    dump_config(a, tmp_path / "config.yaml")
+    write_config(a, tmp_path / "config.yaml")
     assert read_yaml(tmp_path / "config.yaml")["auto"] == a.auto  # the reasons are in config.yaml
     assert to_dict(resolve_config(recipe=tmp_path / "config.yaml")) == to_dict(a)
 

@@ -100,7 +100,7 @@ def test_simclr_v2_head_is_three_linears_with_bn_on_every_layer():
     # the last BN as SimCLR's code has it (center=False, scale=True): a learnable scale, a shift fixed at 0
     assert head[1].affine and head[-1].weight.requires_grad and not head[-1].bias.requires_grad
     from contrastive.config import OptimConfig
-    from contrastive.training.optim import build_optimizer
+    from contrastive.optim.optimizers import build_optimizer
 
     opt = build_optimizer(head, OptimConfig(name="sgd", weight_decay=0.1), lr=0.5)
     head.train()

@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from contrastive import distributed
-from contrastive.config import ViewConfig, resolve_config
+from contrastive.config import ViewConfig
+from contrastive.configure import resolve_config
 from contrastive.data.views import TensorViews, view_groups
 from contrastive.errors import ConfigError
 from contrastive.losses import byol_loss
@@ -98,7 +99,7 @@ def test_the_target_gets_no_gradient_and_forward_moves_no_weight():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in online)
     assert all(torch.equal(p, before[k]) for k, p in method.named_parameters())
     # the optimiser sees the online network only
-    from contrastive.training.optim import param_groups
+    from contrastive.optim.optimizers import param_groups
 
     trained = {id(p) for g in param_groups(method, 1e-6) for p in g["params"]}
     assert trained == {id(p) for p in online}

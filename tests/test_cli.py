@@ -30,7 +30,7 @@ def test_pretrain_eval_embed_on_digits(tmp_path, capsys):
     assert "raw-pixel kNN top-1" in out
     # three epochs of pretraining beat the same encoder at its initialisation, scored the same way
     from contrastive import api
-    from contrastive.config import resolve_config
+    from contrastive.configure import resolve_config
     from contrastive.data import load_splits
     from contrastive.data.preprocess import Preprocess
 

@@ -13,7 +13,9 @@ from PIL import Image
 from torch import nn
 
 from contrastive import api, distributed
-from contrastive.config import method_config, recipe_dir, resolve_config
+from contrastive.config import recipe_dir
+from contrastive.methods import method_config
+from contrastive.configure import resolve_config
 from contrastive.data.color import LAB_MEAN, LAB_STD, normalised_lab, rgb_to_lab
 from contrastive.errors import ConfigError
 from contrastive.losses import cmc_info_nce, nce_loss, nce_normaliser

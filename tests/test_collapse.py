@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from contrastive import api
-from contrastive.config import resolve_config
+from contrastive.configure import resolve_config
 from contrastive.methods.base import Batch, Method, MethodSpec, StepOutput
 from contrastive.registry import register
 from contrastive.training.collapse import collapse_stats, collapsed
-from contrastive.training.schedules import cosine
+from contrastive.optim.schedules import cosine
 
 
 def test_a_constant_embedding_has_zero_std_and_rank_one():

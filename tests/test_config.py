@@ -1,7 +1,8 @@
 import pytest
 
-from contrastive.config import (Config, apply_overrides, find_recipe, method_config, parse_override, recipe_dir,
-                                resolve_config)
+from contrastive.config import Config, find_recipe, parse_override, recipe_dir
+from contrastive.configure import apply_overrides, resolve_config
+from contrastive.methods import method_config
 from contrastive.nn.audio import AUDIO_BACKBONES
 from contrastive.nn.text import TEXT_BACKBONES
 from contrastive.errors import ConfigError

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from contrastive import api
-from contrastive.config import resolve_config
+from contrastive.configure import resolve_config
 from contrastive.errors import CheckpointError
 from contrastive.losses import nt_xent
 from contrastive.methods.base import STREAM_GLOBAL, Batch, BuildContext, Method, MethodSpec, StepInfo, StepOutput, step_seed

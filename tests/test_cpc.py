@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from contrastive import api, distributed
-from contrastive.config import resolve_config
+from contrastive.configure import resolve_config
 from contrastive.errors import ConfigError
 from contrastive.methods.base import Batch, BuildContext, StepInfo
 from contrastive.methods.cpc import CPC, CPCConfig, patchify

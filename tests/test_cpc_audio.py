@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from scipy.io import wavfile
 
 from contrastive import api
-from contrastive.config import DataConfig, recipe_dir, resolve_config
+from contrastive.config import DataConfig, recipe_dir
+from contrastive.configure import resolve_config
 from contrastive.errors import ConfigError
 from contrastive.methods.base import Batch, BuildContext, StepInfo
 from contrastive.methods.cpc_audio import CPCAudio, CPCAudioConfig

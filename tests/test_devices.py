@@ -23,7 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from contrastive import api, distributed, losses
-from contrastive.config import ViewConfig, recipe_dir, resolve_config
+from contrastive.config import ViewConfig, recipe_dir
+from contrastive.configure import resolve_config
 from contrastive.data import augment, load_splits
 from contrastive.data.modality import data_modality
 from contrastive.data.preprocess import Preprocess
@@ -34,7 +35,8 @@ from contrastive.methods.base import Batch, BuildContext, Method, MethodSpec, St
 from contrastive.registry import lookup, names, register
 from contrastive.training import trainer as trainer_module
 from contrastive.training.checkpoint import load_checkpoint
-from contrastive.training.trainer import Trainer, keep_on_device, resolve_device, resolve_precision
+from contrastive.training.trainer import Trainer
+from contrastive.device import keep_on_device, resolve_device, resolve_precision
 
 aten = torch.ops.aten
 
@@ -380,8 +382,8 @@ def test_a_training_step_on_an_accelerator_never_synchronises(monkeypatch, tmp_p
 def _supervised_syncs(epochs: int, optimizer: str) -> collections.Counter:
     """Host synchronisations of a whole fine-tuning loop (3 steps an epoch, clipping on, no metrics rows)."""
     from contrastive.config import OptimConfig
-    from contrastive.evaluation.classifier import Classifier
-    from contrastive.evaluation.supervised import crop_flip_views, train_loop
+    from contrastive.stages.classifier import Classifier
+    from contrastive.stages.supervised import crop_flip_views, train_loop
     from contrastive.nn.backbones import build_backbone
 
     torch.manual_seed(0)
@@ -409,8 +411,8 @@ def test_a_supervised_training_step_on_an_accelerator_never_synchronises(monkeyp
 
 
 def test_distillations_labelled_batch_never_synchronises(monkeypatch):
-    from contrastive.evaluation.distill import labelled_batch
-    from contrastive.evaluation.supervised import DeviceRows, crop_flip_views
+    from contrastive.stages.distill import labelled_batch
+    from contrastive.stages.supervised import DeviceRows, crop_flip_views
 
     monkeypatch.setattr(augment, "by_index", lambda x: False)
     rows = DeviceRows(_images(30, 3, 16), torch.arange(30) % 4, device=torch.device("cpu"))
@@ -740,7 +742,7 @@ def test_adamw_steps_on_cpu_leave_cuda_alone_with_torchs_arithmetic(monkeypatch)
     """torch's AdamW.step() initialises CUDA where it is available, even for CPU parameters (its graph-capture
     check asks the current CUDA stream); training.optim.AdamW skips that check for CPU parameters only."""
     from contrastive.config import OptimConfig
-    from contrastive.training.optim import AdamW, build_optimizer, param_groups
+    from contrastive.optim.optimizers import AdamW, build_optimizer, param_groups
 
     def run(make_optimizer):
         torch.manual_seed(0)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from contrastive import api
-from contrastive.config import ViewConfig, resolve_config
+from contrastive.config import ViewConfig
+from contrastive.configure import resolve_config
 from contrastive.data.views import GROUP_FIELDS, view_groups, view_shapes
 from contrastive.errors import ConfigError
 from contrastive.losses import dino_loss
@@ -184,7 +185,7 @@ def test_teacher_follows_the_ema_rule_and_is_evaluated():
 
 def test_last_layer_is_frozen_in_the_first_epoch_and_learns_after():
     from contrastive.config import OptimConfig
-    from contrastive.training.optim import build_optimizer
+    from contrastive.optim.optimizers import build_optimizer
 
     for norm_last_layer in (True, False):
         method = _method(norm_last_layer=norm_last_layer)
@@ -311,7 +312,8 @@ def test_bad_config_names_the_field(field, value, match):
 
 
 def test_recipes_are_the_papers():
-    from contrastive.config import method_config, recipe_dir
+    from contrastive.config import recipe_dir
+    from contrastive.methods import method_config
 
     vit = resolve_config(recipe=recipe_dir() / "dino.yaml")
     m = method_config(vit)

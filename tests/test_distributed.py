@@ -133,7 +133,8 @@ DETERMINISTIC = ["views.crop_scale=[1.0,1.0]", "views.crop_ratio=[1.0,1.0]", "vi
 
 
 def _run_trainer(output: str) -> None:
-    from contrastive.config import method_config, resolve_config
+    from contrastive.methods import method_config
+    from contrastive.configure import resolve_config
     from contrastive.data import load_splits
     from contrastive.methods import SimCLR
     from contrastive.training.trainer import Trainer

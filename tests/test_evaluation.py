@@ -284,7 +284,8 @@ def test_evaluate_encoder_scores_the_test_side_against_the_training_side():
     """evaluate_encoder's numbers equal kNN, linear probe and raw-pixel kNN recomputed from the features of
     the two sides extracted separately, so scoring the wrong pair of sides cannot pass."""
     from contrastive import api
-    from contrastive.config import Config, apply_overrides
+    from contrastive.config import Config
+    from contrastive.configure import apply_overrides
     from contrastive.data import load_splits
     from contrastive.data.preprocess import Preprocess
     from contrastive.config import DataConfig

@@ -14,10 +14,11 @@ import torchvision
 from torch import nn
 
 from contrastive import api
-from contrastive.config import Config, recipe_dir, resolve_config
+from contrastive.config import Config, recipe_dir
+from contrastive.configure import resolve_config
 from contrastive.data.labels import choose
 from contrastive.data.preprocess import Preprocess
-from contrastive.evaluation.classifier import Classifier, backbone_source, save_classifier
+from contrastive.stages.classifier import Classifier, backbone_source, save_classifier
 from contrastive.export import export
 from contrastive.methods.base import BuildContext
 from contrastive.nn.backbones import build_backbone

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from contrastive import api, distributed
-from contrastive.config import method_config, resolve_config
+from contrastive.methods import method_config
+from contrastive.configure import resolve_config
 from contrastive.errors import ConfigError
 from contrastive.losses import nce_loss, nce_normaliser, nonparametric_softmax
 from contrastive.methods.base import Batch, BuildContext, StepInfo

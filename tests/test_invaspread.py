@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from contrastive import api, distributed
-from contrastive.config import resolve_config
+from contrastive.configure import resolve_config
 from contrastive.errors import ConfigError
 from contrastive.losses import invariance_spread
 from contrastive.methods.base import Batch, BuildContext, StepInfo

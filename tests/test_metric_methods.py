@@ -13,7 +13,7 @@ from torch import nn
 
 from contrastive import api, distributed
 from contrastive.cli import main
-from contrastive.config import resolve_config
+from contrastive.configure import resolve_config
 from contrastive.data.samplers import check_labelled, pk_batches, samples_per_class
 from contrastive.errors import ConfigError, DataError
 from contrastive.losses import contrastive_margin_loss, pairwise_margin_loss, supcon_loss, triplet_loss

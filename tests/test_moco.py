@@ -8,9 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from contrastive import api, distributed
-from contrastive.config import method_config, resolve_config
+from contrastive.methods import method_config
+from contrastive.configure import resolve_config
 from contrastive.errors import ConfigError
 from contrastive.losses import info_nce_queue
+from contrastive.runs import rebuild_method
 from contrastive.methods.base import Batch, BuildContext, StepInfo
 from contrastive.methods.moco import MoCo, MoCoV2Config
 from contrastive.nn.shuffle_bn import shuffled_forward
@@ -148,7 +150,7 @@ def test_evaluation_leaves_queue_and_encoders_untouched(tmp_path):
     sd = {k.removeprefix("encoder_q.0."): v for k, v in ckpt["method"].items() if k.startswith("encoder_q.0.")}
     assert sd.keys() == encoder.state_dict().keys()
     assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in sd.items())
-    method = api._rebuild(cfg, BuildContext(**ckpt["context"]))
+    method = rebuild_method(cfg, BuildContext(**ckpt["context"]))
     method.load_state_dict(ckpt["method"], assign=True)
     before = {k: v.clone() for k, v in method.state_dict().items()}
     api.evaluate_encoder(method.encoder(), info["preprocess"], splits.eval_train, splits.eval_test,

@@ -262,7 +262,7 @@ FAST = ["method.name=moco-v3", "backbone.name=small_cnn", "data.image_size=8", "
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     from contrastive import api
-    from contrastive.config import resolve_config
+    from contrastive.configure import resolve_config
     from contrastive.training.checkpoint import load_checkpoint
 
     def cfg(out, *extra):

@@ -7,9 +7,9 @@ from torch import nn
 
 from contrastive.config import OptimConfig
 from contrastive.errors import ConfigError
-from contrastive.training.lars import LARS
-from contrastive.training.optim import build_optimizer, param_groups
-from contrastive.training.schedules import cosine, lr_at, scaled_lr, warmup_cosine, warmup_step
+from contrastive.optim.lars import LARS
+from contrastive.optim.optimizers import build_optimizer, param_groups
+from contrastive.optim.schedules import cosine, lr_at, scaled_lr, warmup_cosine, warmup_step
 
 # --------------------------------------------------------------------------------------------------
 # schedules: 10 warm-up steps, then a 91-step cosine (steps 10..100) whose middle is step 55
@@ -218,7 +218,7 @@ class _Tagged(nn.Module):
 
 
 def test_declared_groups_keep_their_tags_and_split_off_biases_and_norms():
-    from contrastive.training.optim import set_step_values
+    from contrastive.optim.optimizers import set_step_values
 
     net = _Tagged()
     groups = {(g["name"], g["decay"]): g for g in param_groups(net, weight_decay=0.5)}
@@ -251,7 +251,7 @@ def test_declared_groups_must_cover_every_trainable_parameter_once(groups, messa
 
 
 def test_weight_decay_schedule_is_a_cosine_from_start_to_end():
-    from contrastive.training.schedules import weight_decay_at
+    from contrastive.optim.schedules import weight_decay_at
 
     optim = OptimConfig(weight_decay=0.04, weight_decay_end=0.4)
     assert weight_decay_at(0, total_steps=101, optim=optim) == pytest.approx(0.04)
@@ -261,7 +261,7 @@ def test_weight_decay_schedule_is_a_cosine_from_start_to_end():
 
 
 def test_per_parameter_clipping_bounds_each_tensor_and_leaves_small_ones():
-    from contrastive.training.optim import clip_gradients
+    from contrastive.optim.optimizers import clip_gradients
 
     net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
     grads = [torch.full_like(p, v) for p, v in zip(net.parameters(), (10.0, 0.01, -5.0, 0.02))]

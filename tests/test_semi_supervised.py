@@ -10,21 +10,22 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from contrastive import api
-from contrastive.config import Config, OptimConfig, recipe_dir, resolve_config
+from contrastive.config import Config, OptimConfig, recipe_dir
+from contrastive.configure import resolve_config
 from contrastive.data.labels import choose, labels_sha256, parse_spec, read_labels, resolve, write_labels
 from contrastive.data.preprocess import Preprocess
 from contrastive.errors import ConfigError, DataError, NonFiniteLossError
-from contrastive.evaluation.classifier import (Classifier, encoder_from, head_layers, load_classifier,
+from contrastive.stages.classifier import (Classifier, encoder_from, head_layers, load_classifier,
                                                plain_batchnorm, pretrained_source, save_classifier, stage_config,
                                                stage_recipe)
-from contrastive.evaluation.distill import DistillConfig, labelled_batch, labelled_share
-from contrastive.evaluation.finetune import FinetuneConfig
-from contrastive.evaluation.supervised import DeviceRows, crop_flip_views, epoch_batches, train_loop
+from contrastive.stages.distill import DistillConfig, labelled_batch, labelled_share
+from contrastive.stages.finetune import FinetuneConfig
+from contrastive.stages.supervised import DeviceRows, crop_flip_views, epoch_batches, train_loop
 from contrastive.losses import distillation_loss
 from contrastive.methods.base import STREAM_LOADER, BuildContext, step_seed
 from contrastive.nn.backbones import build_backbone
 from contrastive.registry import lookup, names
-from contrastive.training.schedules import lr_at
+from contrastive.optim.schedules import lr_at
 
 
 def _labels(counts):
@@ -83,7 +84,7 @@ def _method(name, **fields):
     ctx = BuildContext(channels=3, image_size=16, dataset_size=64, num_classes=4, batch_size=16, world_size=1,
                        steps_per_epoch=4, epochs=1, backbone_section=dict(cfg.backbone))
     spec = lookup("methods", name)
-    from contrastive.config import method_config
+    from contrastive.methods import method_config
 
     torch.manual_seed(0)
     return spec.build(ctx, method_config(cfg)), cfg, ctx

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from contrastive.config import resolve_config
+from contrastive.configure import resolve_config
 from contrastive.errors import ConfigError
 from contrastive.losses import negative_cosine
 from contrastive.methods.base import Batch, StepInfo
@@ -151,7 +151,7 @@ def test_the_predictor_lr_stays_fixed_while_the_rest_follows_the_schedule(tmp_pa
     from contrastive import api
     from contrastive.data import load_splits
     from contrastive.methods.base import BuildContext
-    from contrastive.training.schedules import lr_at
+    from contrastive.optim.schedules import lr_at
     from contrastive.training.trainer import Trainer
 
     cfg = resolve_config(tree={"data": {"name": "digits"}}, overrides=[

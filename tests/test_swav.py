@@ -10,14 +10,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from contrastive import api, distributed
-from contrastive.config import OptimConfig, ViewConfig, resolve_config
+from contrastive.config import OptimConfig, ViewConfig
+from contrastive.configure import resolve_config
 from contrastive.data.views import TensorViews, view_groups
 from contrastive.errors import ConfigError
 from contrastive.losses import sinkhorn, swav_loss
 from contrastive.methods.base import Batch, StepInfo
 from contrastive.methods.swav import SwAV, SwAVConfig, paper_views
 from contrastive.training.checkpoint import load_checkpoint
-from contrastive.training.optim import build_optimizer
+from contrastive.optim.optimizers import build_optimizer
 from multiprocess import run_as_torchrun
 
 
@@ -299,7 +300,8 @@ def test_two_processes_equal_one_codes_loss_and_queue(tmp_path):
 
 
 def test_recipes():
-    from contrastive.config import method_config, recipe_dir
+    from contrastive.config import recipe_dir
+    from contrastive.methods import method_config
 
     imagenet = resolve_config(recipe=recipe_dir() / "swav.yaml")
     m = method_config(imagenet)

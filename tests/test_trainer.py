@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from contrastive import api
-from contrastive.config import resolve_config
+from contrastive.configure import resolve_config
 from contrastive.errors import CheckpointError, ConfigError, NonFiniteLossError
 from contrastive.training.checkpoint import load_checkpoint
 from contrastive.training.trainer import epoch_batches

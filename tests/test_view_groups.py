@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from contrastive import api
-from contrastive.config import ViewConfig, resolve_config
+from contrastive.config import ViewConfig
+from contrastive.configure import resolve_config
 from contrastive.data.views import PILViews, TensorViews, run_view_size, view_groups, view_shapes
 from contrastive.errors import ConfigError
 from contrastive.methods.base import Batch, Method, MethodSpec, StepOutput

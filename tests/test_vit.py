@@ -109,7 +109,7 @@ def test_sincos_option_is_fixed_and_zero_for_the_class_token():
 
 def test_frozen_patch_projection_gets_no_gradient_and_does_not_move():
     from contrastive.config import OptimConfig
-    from contrastive.training.optim import build_optimizer
+    from contrastive.optim.optimizers import build_optimizer
 
     net, _ = _vit(freeze_patch_embed=True, init="xavier")
     proj = net.patch_embed.proj
@@ -164,7 +164,7 @@ def test_vit_encoder_round_trips_through_encoder_pt_and_checkpoint_pt(tmp_path):
     """api.load_encoder rebuilds the method on the meta device and assigns the saved tensors: a ViT with a
     fixed sin-cos embedding and a frozen projection (parameters without gradient) must come back whole."""
     from contrastive import api
-    from contrastive.config import resolve_config
+    from contrastive.configure import resolve_config
     from contrastive.training.checkpoint import load_checkpoint
 
     cfg = resolve_config(tree={"data": {"name": "digits"}}, overrides=[

@@ -22,16 +22,8 @@ import torch
 from torch import nn
 
 from contrastive import distributed
-from contrastive.config import (
-    Config,
-    DataConfig,
-    apply_overrides,
-    build_dataclass,
-    dump_config,
-    method_config,
-    resolve_config,
-    to_dict,
-)
+from contrastive.config import Config, DataConfig
+from contrastive.configure import apply_overrides, resolve_config
 from contrastive.data import load_splits
 from contrastive.data.modality import modality_of
 from contrastive.data.preprocess import AudioPreprocess, Preprocess, TextPreprocess
@@ -40,10 +32,13 @@ from contrastive.data.splits import seen_in_pretraining
 from contrastive.errors import CheckpointError, DataError
 from contrastive.evaluation import extract_features, knn_device, knn_top1, linear_probe, save_embeddings
 from contrastive.machine import describe
+from contrastive.methods import build_method, method_config
 from contrastive.methods.base import BuildContext, Method
 from contrastive.registry import lookup
-from contrastive.training.checkpoint import atomic_save, is_checkpoint, read_file
-from contrastive.training.trainer import CHECKPOINT_NAME, Trainer, resolve_device
+from contrastive.runs import load_run, run_file, save_encoder, write_config, write_results
+from contrastive.training.checkpoint import is_checkpoint, read_file
+from contrastive.training.trainer import Trainer
+from contrastive.device import resolve_device
 
 log = logging.getLogger("contrastive")
 
@@ -51,11 +46,6 @@ __all__ = ["BuildContext", "Preprocess", "build_method", "embed", "evaluate", "e
            "pretrain", "resolve_config", "run_file"]
 
 ENCODER_FORMAT = "contrastive-encoder/2"
-
-
-def build_method(cfg: Config, ctx: BuildContext) -> Method:
-    """The method ``cfg.method`` names, built for the run ``ctx`` describes (``BuildContext.for_run``)."""
-    return lookup("methods", cfg.method["name"]).build(ctx, method_config(cfg))
 
 
 def pretrain(cfg: Config) -> dict[str, Any]:
@@ -77,19 +67,6 @@ def pretrain(cfg: Config) -> dict[str, Any]:
             distributed.shutdown()
 
 
-def run_file(path: str | Path, *, encoder: bool = False) -> Path:
-    """``path``, or when it is a run folder the checkpoint.pt in it (or, with ``encoder``, its encoder.pt
-    when it holds no checkpoint)."""
-    p = Path(path)
-    if not p.is_dir():
-        return p
-    names = [CHECKPOINT_NAME, "encoder.pt"] if encoder else [CHECKPOINT_NAME]
-    found = next((p / n for n in names if (p / n).is_file()), None)
-    if found is None:
-        raise CheckpointError(f"{p} is a folder without a {' or '.join(names)}; give a run folder or the file")
-    return found
-
-
 def _pretrain(cfg: Config) -> dict[str, Any]:
     if cfg.train.resume:  # --resume runs/x: the checkpoint in the run folder
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=str(run_file(cfg.train.resume))))
@@ -109,7 +86,7 @@ def _pretrain(cfg: Config) -> dict[str, Any]:
     method = build_method(cfg, ctx)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
+        write_config(cfg, out / "config.yaml")
     log.info("pretraining %s (%s backbone, %d features) on %s: %d images, %s", cfg.method["name"],
              cfg.backbone["name"], method.feature_dim, cfg.data.name, len(train_set), splits.note)
     t0 = time.perf_counter()
@@ -210,59 +187,12 @@ def evaluate_encoder(encoder: nn.Module, preprocess: Preprocess, train_set, test
     return res
 
 
-def save_encoder(method: Method, cfg: Config, ctx: BuildContext, preprocess: Preprocess, path: str | Path) -> Path:
-    """encoder.pt: the evaluated encoder's weights (CPU tensors: the file loads on a machine without a GPU),
-    its input preprocessing, and the run config and build context that rebuild its architecture."""
-    encoder = method.encoder()
-    return atomic_save({"format": ENCODER_FORMAT, "backbone": cfg.backbone["name"], "feature_dim": method.feature_dim,
-                        "preprocess": asdict(preprocess), "config": to_dict(cfg), "context": asdict(ctx),
-                        "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()}}, path)
-
-
-def _rebuild(cfg: Config, ctx: BuildContext) -> Method:
-    """The method's modules without allocating them (a memory bank of a million rows costs nothing here);
-    the caller fills them with ``load_state_dict(..., assign=True)``."""
-    with torch.device("meta"):
-        return build_method(cfg, ctx)
-
-
-def _materialised(module: nn.Module, path: str | Path) -> nn.Module:
-    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-    if left:
-        raise CheckpointError(f"{path}: the file has no values for {', '.join(left[:5])}; it was written by "
-                              f"another version of contrastive")
-    return module
-
-
 def load_encoder(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the frozen encoder a method evaluates (``Method.encoder()``) from a checkpoint.pt or
     encoder.pt, or a run folder holding either; returns (module, info) where info holds ``feature_dim``,
-    ``preprocess`` (a Preprocess) and the run's ``config``."""
-    path = run_file(path, encoder=True)
-    raw = read_file(path)
-    if isinstance(raw, dict) and raw.get("format") == ENCODER_FORMAT:
-        cfg = build_dataclass(Config, raw["config"], "")
-        method = _rebuild(cfg, BuildContext(**raw["context"]))
-        encoder = method.encoder()
-        try:
-            encoder.load_state_dict(raw["state_dict"], assign=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"{path}: the weights do not fit the encoder its config describes ({e})") from None
-        info = {"feature_dim": raw["feature_dim"], "preprocess": Preprocess.from_dict(raw["preprocess"]),
-                "config": cfg}
-        return _materialised(encoder, path).eval(), info
-    if not is_checkpoint(raw):
-        raise CheckpointError(f"{path} is neither a checkpoint.pt nor an encoder.pt written by this version of "
-                              f"contrastive")
-    cfg = build_dataclass(Config, raw["config"], "")
-    method = _rebuild(cfg, BuildContext(**raw["context"]))
-    try:
-        method.load_state_dict(raw["method"], assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: the weights do not fit the method its config describes ({e})") from None
-    encoder = _materialised(method.encoder(), path)
-    return encoder.eval(), {"feature_dim": method.feature_dim, "preprocess": Preprocess.from_dict(raw["preprocess"]),
-                            "config": cfg}
+    ``preprocess`` (what the encoder reads) and the run's ``config``."""
+    run = load_run(path)
+    return run.encoder, {"feature_dim": run.feature_dim, "preprocess": run.preprocess, "config": run.config}
 
 
 def evaluate(checkpoint: str | Path, data: DataConfig, *, protocols: tuple[str, ...], overrides: list[str] = (),
@@ -291,7 +221,7 @@ def evaluate(checkpoint: str | Path, data: DataConfig, *, protocols: tuple[str, 
                                                                       note=f"sentence encoder of {checkpoint}")}
         if output is not None:
             Path(output).mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, Path(output) / "config.yaml")
+            write_config(cfg, Path(output) / "config.yaml")
             write_results(res, output)
         return res
     splits = load_splits(data)
@@ -305,7 +235,7 @@ def evaluate(checkpoint: str | Path, data: DataConfig, *, protocols: tuple[str, 
         res["evaluation"]["warning"] = seen
     if output is not None:
         Path(output).mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, Path(output) / "config.yaml")
+        write_config(cfg, Path(output) / "config.yaml")
         write_results(res, output)
     return res
 
@@ -339,18 +269,8 @@ def embed(checkpoint: str | Path, data: DataConfig, output: str | Path, *, split
 def load_method(path: str | Path) -> tuple[Method, dict]:
     """The whole method of a checkpoint.pt (or the run folder holding one), in eval mode on the CPU, with its
     run ``config`` and ``preprocess``: what needs more than the encoder (clip's two towers)."""
-    path = run_file(path)
-    raw = read_file(path)
-    if not is_checkpoint(raw):
-        raise CheckpointError(f"{path} is not a checkpoint.pt written by this version of contrastive; give the run "
-                              f"folder or its checkpoint.pt (an encoder.pt holds the evaluated encoder only)")
-    cfg = build_dataclass(Config, raw["config"], "")
-    method = _rebuild(cfg, BuildContext(**raw["context"]))
-    try:
-        method.load_state_dict(raw["method"], assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: the weights do not fit the method its config describes ({e})") from None
-    return _materialised(method, path).eval(), {"config": cfg, "preprocess": Preprocess.from_dict(raw["preprocess"])}
+    run = load_run(path, method=True)
+    return run.method, {"config": run.config, "preprocess": run.preprocess}
 
 
 def _joint_embedders(checkpoint: str | Path, dataset) -> tuple[Method, dict] | None:
@@ -421,14 +341,3 @@ def _at_encoder_size(data: DataConfig, pre: Preprocess | AudioPreprocess) -> Dat
     if data.image_size is not None or not isinstance(pre, Preprocess):
         return data
     return dataclasses.replace(data, image_size=pre.size)
-
-
-def write_results(results: dict, folder: str | Path) -> Path:
-    """results.json, written atomically."""
-    path = Path(folder) / "results.json"
-    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path

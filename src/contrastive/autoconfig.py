@@ -191,9 +191,9 @@ def _batch(tree: dict, shape: Any, size: int, view_size: int, device: torch.devi
 
 
 def _merge(a: dict, b: dict) -> dict:
-    from contrastive.config import _deep_merge
+    from contrastive.config import deep_merge
 
-    return _deep_merge(a, b)
+    return deep_merge(a, b)
 
 
 def _power_of_two(n: int, world: int) -> int:
@@ -207,12 +207,13 @@ def _power_of_two(n: int, world: int) -> int:
 def _step_memory(tree: dict, shape: Any, view_size: int, device: torch.device, world: int):
     """The training step's memory (``training.budget.measure_step``) of the config ``tree``, its method built
     for ``shape``'s data on ``device``, without touching the global random state."""
-    from contrastive.api import build_method
-    from contrastive.config import Config, build_dataclass, validate
+    from contrastive.config import Config, build_dataclass
+    from contrastive.configure import validate
+    from contrastive.methods import build_method
     from contrastive.data.views import global_size, run_view_groups, view_groups, view_shapes
     from contrastive.methods.base import BuildContext, StepInfo
     from contrastive.training.budget import measure_step
-    from contrastive.training.trainer import resolve_precision
+    from contrastive.device import resolve_precision
 
     cfg = build_dataclass(Config, tree, "")
     validate(cfg)

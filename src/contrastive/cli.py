@@ -18,8 +18,10 @@ from pathlib import Path
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from contrastive import api, distributed
-from contrastive.config import (Config, DataConfig, backbone_config, build_dataclass, method_config, resolve_config,
-                                to_dict)
+from contrastive.config import Config, DataConfig, build_dataclass, to_dict
+from contrastive.configure import resolve_config
+from contrastive.methods import method_config
+from contrastive.nn.backbones import backbone_config
 from contrastive.errors import ConfigError, ContrastiveError
 from contrastive.registry import names
 from contrastive.training.checkpoint import load_checkpoint
@@ -230,7 +232,7 @@ def _needs_data(a: argparse.Namespace, command: str) -> argparse.Namespace:
 
 def _finetune(a: argparse.Namespace) -> int:
     from contrastive.errors import ConfigError
-    from contrastive.evaluation.finetune import finetune
+    from contrastive.stages.finetune import finetune
 
     if a.scratch and not a.backbone:
         raise ConfigError("--scratch needs --backbone NAME (the architecture to train from random weights)")
@@ -251,7 +253,7 @@ def _finetune(a: argparse.Namespace) -> int:
 
 
 def _distill(a: argparse.Namespace) -> int:
-    from contrastive.evaluation.distill import distill
+    from contrastive.stages.distill import distill
 
     section, overrides = _split_backbone(a.overrides, a.student)
     data = build_dataclass(DataConfig, _data_tree(_needs_data(a, "distill")), "data")
@@ -321,7 +323,7 @@ def _print_config(cfg: Config) -> None:
                 print(f"{key} = {to_dict(value)!r}\n    {f.metadata.get('help', '')}")
 
     walk(cfg, "")
-    for section, typed in (("method", method_config(cfg)), ("backbone", backbone_config(cfg))):
+    for section, typed in (("method", method_config(cfg)), ("backbone", backbone_config(cfg.backbone)[1])):
         hints = typing.get_type_hints(type(typed))
         for f in dataclasses.fields(typed):
             print(f"{section}.{f.name} = {getattr(typed, f.name)!r}  ({hints[f.name]})\n"

@@ -1,4 +1,6 @@
-"""The typed run configuration: defaults here, then a YAML recipe, then ``key=value`` overrides.
+"""The typed run configuration: every section and field, with why its default is what it is, and how a tree of
+values (a recipe, a checkpoint's config) becomes one. How a run's config is resolved from recipes, flags and
+``key=value`` overrides is ``configure.py``'s.
 
 Every field carries a ``help`` string that says why its default is what it is. Unknown keys are an error
 that names them. The method and backbone sections are open: ``method.name`` / ``backbone.name`` pick a
@@ -315,7 +317,7 @@ def to_dict(obj: Any) -> Any:
 _OPEN_SECTIONS = ("method", "backbone")
 
 
-def _deep_merge(base: dict, update: dict, *, top: bool = True) -> dict:
+def deep_merge(base: dict, update: dict, *, top: bool = True) -> dict:
     out = dict(base)
     for k, v in update.items():
         old = out.get(k)
@@ -323,7 +325,7 @@ def _deep_merge(base: dict, update: dict, *, top: bool = True) -> dict:
             # a section naming another thing (backbone, method, a method's own section such as clip's text
             # tower) replaces the old one: the old one's fields would not be the new one's
             renamed = (not top or k in _OPEN_SECTIONS) and "name" in v and v["name"] != old.get("name")
-            out[k] = dict(v) if renamed else _deep_merge(old, v, top=False)
+            out[k] = dict(v) if renamed else deep_merge(old, v, top=False)
         else:
             out[k] = v
     return out
@@ -344,7 +346,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _set_path(tree: dict, path: list[str], value: Any) -> None:
+def set_path(tree: dict, path: list[str], value: Any) -> None:
     node = tree
     for part in path[:-1]:
         node = node.setdefault(part, {})
@@ -378,51 +380,6 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def resolve_config(
-    *, recipe: str | Path | dict | None = None, tree: dict | None = None, overrides: list[str] = ()
-) -> Config:
-    """Defaults <- recipe <- ``tree`` (e.g. from CLI flags) <- ``key=value`` overrides, validated.
-
-    ``recipe`` is a YAML file or an already read tree (a checkpoint's config). When it is None, the method
-    and dataset named in ``tree``/``overrides`` pick ``configs/<method>-<dataset>.yaml``; when there is none
-    (an image folder, or a dataset the method has no recipe for), ``autoconfig.derive`` picks the recipe
-    family and derives the settings that fit the data and the device, recorded in the ``auto`` section.
-    """
-    parsed = [parse_override(o) for o in overrides]
-    layer: dict = _deep_merge({}, copy.deepcopy(tree or {}))  # the overrides below never write into the caller's
-    for path, value in parsed:
-        _set_path(layer, path, value)
-    if isinstance(recipe, dict):
-        merged = dict(recipe)
-    elif recipe is not None:
-        merged = read_yaml(recipe)
-    else:
-        method = (layer.get("method") or {}).get("name", "simclr")
-        dataset = str((layer.get("data") or {}).get("name", "digits"))
-        found = find_recipe(method, dataset)
-        if found is not None:
-            merged = read_yaml(found)
-        else:
-            from contrastive.autoconfig import derive
-
-            merged, reasons = derive(method, layer)
-            merged["auto"] = reasons
-    merged = _deep_merge(merged, layer)
-    cfg = build_dataclass(Config, merged, "")
-    validate(cfg)
-    return cfg
-
-
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """A new Config: ``cfg`` with ``key=value`` overrides applied and validated."""
-    tree = to_dict(cfg)
-    for path, value in (parse_override(o) for o in overrides):
-        _set_path(tree, path, value)
-    out = build_dataclass(Config, tree, "")
-    validate(out)
-    return out
-
-
 # (field, lowest allowed, whether the lowest itself is allowed): values outside fail before any work is done
 _RANGES = [
     ("train.epochs", 1, True), ("train.batch_size", 1, True), ("train.checkpoint_every", 1, True),
@@ -438,8 +395,11 @@ _RANGES = [
 ]
 
 
-def validate(cfg: Config) -> None:
-    """Value ranges of the typed fields, then the method section; a ConfigError names the field."""
+
+
+def check_fields(cfg: Config) -> None:
+    """Value ranges of the typed fields; a ConfigError names the field. The open sections (``method:``,
+    ``backbone:``) are checked against their parts when a run config is resolved (``configure.validate``)."""
     for key, low, inclusive in _RANGES:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -456,37 +416,3 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.milestones={cfg.optim.milestones!r}: expected a list of epochs >= 0")
     if not cfg.data.holdout < 1:
         raise ConfigError(f"data.holdout={cfg.data.holdout} is out of range: it must be below 1")
-    method_config(cfg)
-    backbone_config(cfg)
-
-
-def method_config(cfg: Config) -> Any:
-    """The method's own typed config, built from the ``method`` section (unknown keys raise)."""
-    from contrastive import methods  # noqa: F401  (fills the registry)
-    from contrastive.registry import lookup
-
-    section = dict(cfg.method)
-    name = section.pop("name", None)
-    if not isinstance(name, str):
-        raise ConfigError("method.name is missing; pick a method, for example method.name=simclr")
-    return build_dataclass(lookup("methods", name).config_class, section, "method")
-
-
-def backbone_config(cfg: Config) -> Any:
-    """The backbone's own typed config, built from the ``backbone`` section (unknown keys raise)."""
-    from contrastive.nn.backbones import backbone_config as from_section
-
-    return from_section(cfg.backbone)[1]
-
-
-def resolved_sections(cfg: Config) -> dict:
-    """``cfg`` as a dict whose open sections list every field of their typed config, defaults included,
-    so two configs that differ only in spelling out a default compare equal."""
-    tree = to_dict(cfg)
-    tree["method"] = {"name": cfg.method["name"], **to_dict(method_config(cfg))}
-    tree["backbone"] = {"name": cfg.backbone["name"], **to_dict(backbone_config(cfg))}
-    return tree
-
-
-def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -22,7 +22,8 @@ from torch import nn
 
 from contrastive.data.preprocess import Preprocess
 from contrastive.errors import ConfigError
-from contrastive.evaluation.classifier import is_classifier_file, load_classifier, plain_batchnorm
+from contrastive.stages.classifier import is_classifier_file, load_classifier, plain_batchnorm
+from contrastive.runs import load_run
 from contrastive.training.checkpoint import read_file
 
 FORMATS = ("torchscript", "onnx")
@@ -34,10 +35,8 @@ def load_exportable(path: str | Path) -> tuple[nn.Module, Preprocess, str, dict]
     if is_classifier_file(read_file(path)):
         model, info = load_classifier(path)
         return model, info["preprocess"], "logits", {"classes": info["classes"]}
-    from contrastive.api import load_encoder
-
-    encoder, info = load_encoder(path)
-    return encoder, info["preprocess"], "features", {"feature_dim": info["feature_dim"]}
+    run = load_run(path)
+    return run.encoder, run.preprocess, "features", {"feature_dim": run.feature_dim}
 
 
 def preprocess_spec(pre: Preprocess, output: str, extra: dict) -> dict:

@@ -185,7 +185,7 @@ def _text_encoder_section(cfg: Config, data: str) -> dict:
     tower) for image-caption data."""
     if data == "text":
         return cfg.backbone
-    from contrastive.config import method_config
+    from contrastive.methods import method_config
 
     section = getattr(method_config(cfg), "text", None)
     if not isinstance(section, dict):
@@ -257,7 +257,7 @@ class TextModality(_Defaults):
 
     def evaluate(self, method: Any, preprocess: Any, splits: Any, cfg: Config, *, note: str) -> dict[str, Any]:
         from contrastive.data.text_data import text_root
-        from contrastive.training.trainer import resolve_device
+        from contrastive.device import resolve_device
 
         device = resolve_device(cfg.train.device)
         return evaluate_text_encoder(method.encoder().to(device), preprocess, cfg, text_root(cfg.data),
@@ -398,7 +398,7 @@ class ImageTextModality(ImageModality):
         return splits.eval_test is not None or cfg.eval.zero_shot is not None
 
     def evaluate(self, method: Any, preprocess: Any, splits: Any, cfg: Config, *, note: str) -> dict[str, Any]:
-        from contrastive.training.trainer import resolve_device
+        from contrastive.device import resolve_device
 
         return evaluate_image_text(method, preprocess, splits.eval_test, cfg, device=resolve_device(cfg.train.device),
                                    note=note)

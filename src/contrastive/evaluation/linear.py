@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from contrastive.errors import DataError
 from contrastive.evaluation.features import check_labelled
-from contrastive.training.optim import AdamW
+from contrastive.optim.optimizers import AdamW
 
 
 def _accuracy(model: nn.Module, feats: Tensor, labels: Tensor) -> float:

@@ -19,22 +19,22 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from contrastive.api import write_results
 from contrastive.config import DataConfig, OptimConfig, to_dict
 from contrastive.data import labels as label_subsets
 from contrastive.data import load_splits
 from contrastive.data.datasets import TensorImages
 from contrastive.data.preprocess import Preprocess
 from contrastive.errors import ConfigError, DataError
-from contrastive.evaluation import supervised
-from contrastive.evaluation.classifier import (Classifier, backbone_source, count_parameters, encoder_from,
-                                               load_method, plain_batchnorm, pretrained_source, save_classifier,
+from contrastive.stages import supervised
+from contrastive.stages.classifier import (Classifier, backbone_source, count_parameters, encoder_from,
+                                               plain_batchnorm, pretrained_source, save_classifier,
                                                stage_config, stage_recipe)
 from contrastive.evaluation.features import extract_features
 from contrastive.evaluation.linear import linear_probe
 from contrastive.nn.backbones import build_backbone
 from contrastive.plots import training_curves
-from contrastive.training.trainer import resolve_device
+from contrastive.runs import load_run, write_results
+from contrastive.device import resolve_device
 
 log = logging.getLogger("contrastive.finetune")
 
@@ -112,8 +112,8 @@ def finetune(data: DataConfig, labels: str, output: str | Path, *, checkpoint: s
                        base="finetune" if section == "scratch" else None)
     check(cfg, section)
     if checkpoint is not None:
-        method, encoder, info = load_method(checkpoint)
-        preprocess: Preprocess = info["preprocess"]
+        run = load_run(checkpoint)
+        method, preprocess = run.method, run.preprocess
         if not isinstance(preprocess, Preprocess):  # sentences or sound: fine-tuning trains image classifiers
             raise ConfigError(f"{checkpoint} holds an encoder of {preprocess.modality}; fine-tuning (and distillation) "
                               f"train image classifiers: evaluate it with contrastive eval (kNN, linear probe, STS)")
@@ -123,8 +123,8 @@ def finetune(data: DataConfig, labels: str, output: str | Path, *, checkpoint: s
         if method is not None:
             enc, dim = encoder_from(method, from_layer)  # a layer the head cannot give fails before any work
         else:
-            enc, dim = plain_batchnorm(encoder), info["feature_dim"]
-        source = pretrained_source(info["config"], info["context"], from_layer)
+            enc, dim = plain_batchnorm(run.encoder), run.feature_dim
+        source = pretrained_source(run.config, run.context, from_layer)
         if data.image_size is None:  # as the encoder saw its training images
             data = DataConfig(**{**to_dict(data), "image_size": preprocess.size})
     splits = load_splits(data)
@@ -157,8 +157,8 @@ def finetune(data: DataConfig, labels: str, output: str | Path, *, checkpoint: s
         "stage": "finetune" if checkpoint is not None else "scratch",
         "dataset": data.name, "classes": train.classes, "split": splits.note,
         "checkpoint": None if checkpoint is None else str(checkpoint),
-        "method": info["config"].method["name"] if checkpoint is not None else None,
-        "backbone": source["section"] if scratch is not None else dict(info["config"].backbone),
+        "method": run.config.method["name"] if checkpoint is not None else None,
+        "backbone": source["section"] if scratch is not None else dict(run.config.backbone),
         "from_layer": from_layer, "feature_dim": dim, "parameters": count_parameters(model),
         "labels": subset.summary(), "labels_file": str(label_file), "recipe": str(recipe_path),
         "train_images": len(index), "test_images": len(test),

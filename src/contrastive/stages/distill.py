@@ -21,19 +21,19 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from contrastive.api import write_results
 from contrastive.config import DataConfig, OptimConfig, to_dict
 from contrastive.data import load_splits
 from contrastive.data.labels import LabelSubset, labels_sha256
 from contrastive.errors import ConfigError, DataError
-from contrastive.evaluation import supervised
-from contrastive.evaluation.classifier import (Classifier, backbone_source, count_parameters, load_classifier,
+from contrastive.stages import supervised
+from contrastive.stages.classifier import (Classifier, backbone_source, count_parameters, load_classifier,
                                                save_classifier, stage_config, stage_recipe)
 from contrastive.losses import distillation_loss
 from contrastive.methods.base import STREAM_LOADER, step_seed
 from contrastive.nn.backbones import build_backbone
 from contrastive.plots import training_curves
-from contrastive.training.trainer import resolve_device
+from contrastive.runs import write_results
+from contrastive.device import resolve_device
 
 log = logging.getLogger("contrastive.distill")
 

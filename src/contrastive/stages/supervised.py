@@ -3,8 +3,8 @@ supervised-from-scratch baseline and distillation.
 
 Views are crop and flip only (SimCLR v2 fine-tunes with "random crop with resize and random flip", no
 colour distortion), made batched on the training device by the pretraining's ``TensorViews``. The
-optimiser, parameter groups and learning-rate schedule are the pretraining's own (``training.optim``,
-``training.schedules``). Every random choice is a function of the seed: the order of an epoch comes from
+optimiser, parameter groups and learning-rate schedule are the pretraining's own (``optim``,
+``optim.schedules``). Every random choice is a function of the seed: the order of an epoch comes from
 (seed, epoch), the views of a step from (seed, step).
 
 As in pretraining, a step on a GPU never makes the host wait for it: images are kept on the GPU when they fit
@@ -30,9 +30,9 @@ from contrastive.data.preprocess import Preprocess
 from contrastive.data.views import TensorViews
 from contrastive.errors import DataError, NonFiniteLossError
 from contrastive.methods.base import STREAM_METHOD, STREAM_VIEWS, step_seed
-from contrastive.training.optim import build_optimizer
-from contrastive.training.schedules import lr_at, scaled_lr
-from contrastive.training.trainer import keep_on_device
+from contrastive.optim.optimizers import build_optimizer
+from contrastive.optim.schedules import lr_at, scaled_lr
+from contrastive.device import keep_on_device
 
 log = logging.getLogger("contrastive.supervised")
 

@@ -1,6 +1,6 @@
 """Optimisers: parameter groups that keep weight decay off biases and norm layers, and SGD / AdamW / LARS.
 
-The trainer sets ``group["lr"]`` before every step from a pure schedule (``training.schedules``), so the
+The trainer sets ``group["lr"]`` before every step from a pure schedule (``optim.schedules``), so the
 ``lr`` given here is only the starting value.
 """
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from contrastive.config import OptimConfig
 from contrastive.errors import ConfigError
-from contrastive.training.lars import LARS
+from contrastive.optim.lars import LARS
 
 _NORM_LAYERS = (
     nn.BatchNorm1d,
@@ -125,7 +125,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
     """``cfg.name`` over :func:`param_groups` of ``model``, starting at learning rate ``lr``.
 
     sgd: momentum ``cfg.momentum``, no Nesterov; adamw: ``cfg.betas`` with decoupled weight decay
-    (Loshchilov & Hutter 2019); lars: :class:`~contrastive.training.lars.LARS` with trust coefficient
+    (Loshchilov & Hutter 2019); lars: :class:`~contrastive.optim.lars.LARS` with trust coefficient
     ``cfg.lars_eta``. The ``lars`` flag of each group only matters to LARS.
     """
     groups = param_groups(model, cfg.weight_decay)

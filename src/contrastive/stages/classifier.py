@@ -21,7 +21,9 @@ from contrastive.data.preprocess import Preprocess
 from contrastive.errors import CheckpointError, ConfigError
 from contrastive.methods.base import BuildContext, Method
 from contrastive.registry import names
-from contrastive.training.checkpoint import atomic_save, is_checkpoint, read_file
+from contrastive.nn.backbones import build_backbone
+from contrastive.runs import filled, rebuild_method
+from contrastive.training.checkpoint import atomic_save, read_file
 
 CLASSIFIER_FORMAT = "contrastive-classifier/1"
 
@@ -127,38 +129,6 @@ def count_parameters(module: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def load_method(path: str | Path) -> tuple[Method | None, nn.Module, dict]:
-    """A pretraining run's file: (the whole method or None, its evaluated encoder, info).
-
-    checkpoint.pt gives the method (its projection head included); encoder.pt holds the encoder alone, so
-    the method is None. ``info``: ``preprocess``, ``config`` (the run's Config), ``context`` (BuildContext).
-    """
-    from contrastive import api
-
-    raw = read_file(path)
-    if is_checkpoint(raw):
-        cfg = build_dataclass(Config, raw["config"], "")
-        ctx = BuildContext(**raw["context"])
-        with torch.device("meta"):
-            method = api.build_method(cfg, ctx)
-        try:
-            method.load_state_dict(raw["method"], assign=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"{path}: the weights do not fit the method its config describes ({e})") from None
-        _check_filled(method, path)
-        return method, method.encoder(), {"preprocess": Preprocess.from_dict(raw["preprocess"]), "config": cfg,
-                                          "context": ctx}
-    encoder, info = api.load_encoder(path)
-    return None, encoder, {**info, "context": BuildContext(**raw["context"])}
-
-
-def _check_filled(module: nn.Module, path) -> None:
-    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-    if left:
-        raise CheckpointError(f"{path}: the file has no values for {', '.join(left[:5])}; it was written by "
-                              f"another version of contrastive")
-
-
 def save_classifier(model: Classifier, path: str | Path, *, source: dict, preprocess: Preprocess,
                     classes: list[str] | None, labels: dict) -> Path:
     """classifier.pt: the weights (CPU tensors), what rebuilds the architecture (``source``), the input
@@ -181,13 +151,8 @@ def backbone_source(section: dict, channels: int, image_size: int) -> dict:
 
 def build_encoder(source: dict) -> tuple[nn.Module, int]:
     """The encoder ``source`` describes, with random (or, for a pretrained source, meta) weights."""
-    from contrastive import api
-    from contrastive.nn.backbones import build_backbone
-
     if source["kind"] == "pretrained":
-        cfg = build_dataclass(Config, source["config"], "")
-        with torch.device("meta"):
-            method = api.build_method(cfg, BuildContext(**source["context"]))
+        method = rebuild_method(build_dataclass(Config, source["config"], ""), BuildContext(**source["context"]))
         return encoder_from(method, source["from_layer"])
     if source["kind"] == "backbone":
         return build_backbone(source["section"], in_channels=source["channels"], image_size=source["image_size"])
@@ -216,7 +181,7 @@ def load_classifier(path: str | Path) -> tuple[Classifier, dict]:
         model.load_state_dict(raw["state_dict"], assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: the weights do not fit the classifier it describes ({e})") from None
-    _check_filled(model, path)
+    filled(model, path)
     return model.eval(), {"preprocess": Preprocess.from_dict(raw["preprocess"]), "classes": raw["classes"],
                           "labels": raw["labels"], "source": raw["source"]}
 
