@@ -47,16 +47,15 @@ import torch
 
 from contrastive import api
 from contrastive.config import Config
-from contrastive.methods import method_config
 from contrastive.configure import resolve_config
-from contrastive.data import load_splits
-from contrastive.data.preprocess import Preprocess
-from contrastive.data.views import jitter_amounts, run_view_groups, run_view_size, view_groups
-from contrastive.methods.base import BuildContext
+from contrastive.device import peak_memory_mb
+from contrastive.methods import method_config
+from contrastive.modalities import load_splits, modality_of
+from contrastive.modalities.image.preprocess import Preprocess
+from contrastive.modalities.image.views import jitter_amounts, run_view_groups, run_view_size, view_groups
 from contrastive.nn.backbones import build_backbone
 from contrastive.optim.optimizers import build_optimizer
 from contrastive.optim.schedules import lr_at, scaled_lr
-from contrastive.device import peak_memory_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
@@ -153,7 +152,7 @@ def run_random(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)  # as api.pretrain: these are the weights its training starts from
     splits = load_splits(cfg.data)
     train_set = splits.pretrain
-    ctx = BuildContext.for_run(cfg, train_set)
+    ctx = modality_of(train_set).context(cfg, train_set)
     method = api.build_method(cfg, ctx)
     preprocess = Preprocess.for_dataset(train_set, run_view_size(cfg, train_set.image_size))
     evaluation = api.evaluate_encoder(method.encoder(), preprocess, splits.eval_train, splits.eval_test, cfg,
@@ -285,7 +284,7 @@ def run_lightly(cfg: Config, split: Path) -> dict:
 
     # Same seed, then the backbone first, as api.pretrain does: both modes start from identical weights.
     torch.manual_seed(cfg.seed)
-    backbone, feature_dim = build_backbone(cfg.backbone, in_channels=3, image_size=32)
+    backbone, feature_dim = build_backbone(cfg.backbone, input_shape=(3, 32, 32))
     build = {"simclr": _lightly_simclr, "moco-v2": _lightly_moco_v2, "byol": _lightly_byol}[cfg.method["name"]]
     model, transform, train_step, momentum_model, pipeline, *schedule = build(cfg, backbone, feature_dim)
     dataset = ImageFolder(str(split / "train"), transform=transform)

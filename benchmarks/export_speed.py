@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contrastive.stages.classifier import count_parameters
 from contrastive.export import export, load_exportable
+from contrastive.stages.classifier import count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "export_speed.json"

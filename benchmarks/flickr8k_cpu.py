@@ -54,7 +54,7 @@ def main() -> None:
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for name in args.runs:
         overrides = [f"data.data_dir={args.data_dir}", "train.device=cpu", "train.progress=false",
-                     "train.tensorboard=false", f"train.output={args.output / name}", f"eval.zero_shot={split}",
+                     "train.tensorboard=false", f"train.output={args.output / name}", f"modalities.image-text.zero_shot={split}",
                      RUNS[name], *args.set] + ([f"train.epochs={args.epochs}"] if args.epochs else [])
         load_before = os.getloadavg()  # a busy machine skews every time
         res = api.pretrain(resolve_config(recipe=RECIPE, overrides=overrides))

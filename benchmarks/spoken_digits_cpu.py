@@ -29,9 +29,7 @@ import torch
 
 from contrastive import api
 from contrastive.configure import resolve_config
-from contrastive.data import load_splits
-from contrastive.data.modality import modality_of
-from contrastive.methods.base import BuildContext
+from contrastive.modalities import load_splits, modality_of
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "configs" / "cpc-audio-spoken-digits.yaml"
@@ -65,7 +63,7 @@ def main() -> None:
         c = resolve_config(recipe=RECIPE, overrides=[*overrides, f"data.label={label}"])
         splits = load_splits(c.data)
         torch.manual_seed(c.seed)  # as api.pretrain: the weights its training starts from
-        method = api.build_method(c, BuildContext.for_run(c, splits.pretrain))
+        method = api.build_method(c, modality_of(splits.pretrain).context(c, splits.pretrain))
         pre = modality_of(splits.pretrain).preprocess(splits.pretrain, None)
         res = api.evaluate_encoder(method.encoder(), pre, splits.eval_train, splits.eval_test, c, note=splits.note)
         rows["random-init"][label] = {k: res[k] for k in ("knn_top1", "linear_top1")}

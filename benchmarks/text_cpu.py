@@ -30,9 +30,9 @@ import torch
 
 from contrastive import api
 from contrastive.configure import resolve_config
-from contrastive.data.modality import evaluate_text_encoder
-from contrastive.data.preprocess import TextPreprocess
-from contrastive.data.text_data import text_root
+from contrastive.modalities import evaluate_text_encoder
+from contrastive.modalities.text import TextPreprocess
+from contrastive.modalities.text.rows import text_root
 from contrastive.nn.backbones import build_backbone
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,14 +46,14 @@ KEYS = ("stsb_dev_spearman", "sick_test_spearman", "senteval_linear_mean", "bow_
 
 def _common(args: argparse.Namespace, run: str) -> list[str]:
     return [f"data.data_dir={args.data_dir}", "train.device=cpu", "train.progress=false", "train.tensorboard=false",
-            f"train.output={args.output / run}", f"eval.senteval=[{','.join(args.senteval)}]",
-            f"eval.raw_pixel_baseline={str(run == 'scratch').lower()}"]
+            f"train.output={args.output / run}", f"modalities.text.senteval=[{','.join(args.senteval)}]",
+            f"eval.baseline={str(run == 'scratch').lower()}"]
 
 
 def run(name: str, args: argparse.Namespace) -> dict:
     if name == "shipped":  # no training: the model as the package ships it, through the same evaluation
         cfg = resolve_config(recipe=ROOT / "configs" / "simcse.yaml", overrides=_common(args, name))
-        encoder, _ = build_backbone(cfg.backbone, in_channels=1, image_size=0)
+        encoder, _ = build_backbone(cfg.backbone, input_shape=(1, 0, 0))
         pre = TextPreprocess(encoder.tokenizer, encoder.max_tokens, encoder.pad_id)
         t0 = time.perf_counter()
         res = evaluate_text_encoder(encoder, pre, cfg, text_root(cfg.data), device=torch.device("cpu"),

@@ -28,7 +28,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from contrastive.config import ViewConfig
-from contrastive.data.views import PILViews, TensorViews, ViewDataset
+from contrastive.data.datasets import PerItemViews
+from contrastive.modalities.image.views import PILViews, TensorViews
 
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
@@ -92,7 +93,7 @@ def bench_case(name: str, cfg: ViewConfig, images: torch.Tensor, args: argparse.
     row[f"tensor_batched_{threads}_threads"] = median_rate(lambda: tensor_views(images, gen), len(images), repeats)
 
     if not args.no_loader:
-        loader = DataLoader(ViewDataset(_Items(images), pil_views), batch_size=256, num_workers=2,
+        loader = DataLoader(PerItemViews(_Items(images), pil_views), batch_size=256, num_workers=2,
                             persistent_workers=True)
         row["pil_dataloader_2_workers"] = median_rate(lambda: [b for b in loader], len(images),
                                                       max(1, repeats // 2))

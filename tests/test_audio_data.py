@@ -1,7 +1,6 @@
 """Audio data: WAV reading, folders of WAV files, the spoken-digits split and labels, the random windows, the
 modality of a dataset, the audio preprocessing and the MFCC baseline."""
 
-import io
 import math
 import tarfile
 from dataclasses import asdict
@@ -11,13 +10,14 @@ import pytest
 import torch
 from scipy.io import wavfile
 
-from contrastive.config import DataConfig, ViewConfig
-from contrastive.data import load_splits
-from contrastive.data.audio import AudioClips, AudioViews, clip_lengths, pad_clips, read_wav
-from contrastive.data.modality import data_modality, modality_of
-from contrastive.data.preprocess import AudioPreprocess, Preprocess
-from contrastive.data.views import make_views
+from contrastive.config import DataConfig
+from contrastive.configure import resolve_config
 from contrastive.errors import ConfigError, DataError
+from contrastive.modalities import detect, load_splits, modality_of
+from contrastive.modalities.audio import AUDIO, AudioPreprocess
+from contrastive.modalities.audio.clips import AudioClips, AudioViews, clip_lengths, pad_clips, read_wav
+from contrastive.modalities.image.preprocess import Preprocess
+from contrastive.runs import read_preprocess
 
 RATE = 8000
 
@@ -66,11 +66,11 @@ def test_a_wav_folder_is_audio_with_class_sub_folders_as_labels_and_nan_padding(
         (tmp_path / cls).mkdir()
         for i, length in enumerate(n):
             wavfile.write(tmp_path / cls / f"{i}.wav", RATE, tone(440, length))
-    assert data_modality(DataConfig(name=str(tmp_path))) == "audio" and data_modality(DataConfig()) == "image"
+    assert detect(DataConfig(name=str(tmp_path))).name == "audio" and detect(DataConfig()).name == "image"
     splits = load_splits(DataConfig(name=str(tmp_path)), evaluate=False)
     ds = splits.pretrain
     assert isinstance(ds, AudioClips) and modality_of(ds).name == "audio" and ds.classes == ["hi", "lo"]
-    assert ds.labels.tolist() == [0, 0, 1] and ds.images.shape == (3, 1, 500) and ds.sample_rate == RATE
+    assert ds.labels.tolist() == [0, 0, 1] and ds.samples.shape == (3, 1, 500) and ds.sample_rate == RATE
     assert clip_lengths(ds.clips).tolist() == [300, 500, 400]
     assert torch.isnan(ds.clips[0, 0, 300:]).all() and not torch.isnan(ds.clips[0, 0, :300]).any()
     assert torch.equal(ds.clips[2, 0, :400], torch.from_numpy(tone(440, 400)).float() / 32768)
@@ -87,7 +87,7 @@ def test_a_wav_folder_holds_out_per_class_and_keeps_the_clips_in_memory(tmp_path
     assert isinstance(s.eval_test, AudioClips) and isinstance(s.pretrain, AudioClips)
     assert sorted(s.eval_test.labels.tolist()) == [0, 0, 1, 1] and len(s.pretrain) == 6
     # each side is padded to its own longest clip, and keeps the whole set's statistics
-    assert s.eval_test.images.shape[-1] == int(clip_lengths(s.eval_test.clips).max())
+    assert s.eval_test.samples.shape[-1] == int(clip_lengths(s.eval_test.clips).max())
     assert s.eval_test.mean == s.pretrain.mean
 
 
@@ -154,7 +154,7 @@ def _clips():
 
 def test_audio_views_are_windows_inside_the_clip_and_repeat_under_a_seed():
     clips = _clips()
-    views = AudioViews(ViewConfig(window=80, n_views=2), mean=[0.1], std=[0.5])
+    views = AudioViews(2, 80, [0.0, 0.0], mean=[0.1], std=[0.5])
     a = views(clips, torch.Generator().manual_seed(3))
     b = views(clips, torch.Generator().manual_seed(3))
     c = views(clips, torch.Generator().manual_seed(4))
@@ -173,22 +173,25 @@ def test_audio_views_are_windows_inside_the_clip_and_repeat_under_a_seed():
 
 def test_audio_views_gain_scales_each_window_within_its_range():
     clips = pad_clips([np.ones(100, dtype=np.float32)] * 64)
-    views = AudioViews(ViewConfig(window=100, n_views=1, gain_db=[-6.0, 6.0]), mean=[0.0], std=[1.0])
+    views = AudioViews(1, 100, [-6.0, 6.0], mean=[0.0], std=[1.0])
     gains = views(clips, torch.Generator().manual_seed(0))[0][:, 0, 0]
     db = 20 * torch.log10(gains)
     assert db.min() >= -6 - 1e-4 and db.max() <= 6 + 1e-4 and db.std() > 2  # spread over the range, not constant
     assert torch.equal(views(clips, torch.Generator().manual_seed(0))[0][:, 0].std(1), torch.zeros(64))
 
 
-@pytest.mark.parametrize("change, match", [(dict(backend="pil"), "views.backend=pil"),
-                                           (dict(groups=[{"count": 2}]), "views.groups"),
-                                           (dict(window=0), "views.window"),
-                                           (dict(gain_db=[3.0, -3.0]), "views.gain_db")])
+@pytest.mark.parametrize("change, match", [({"views": {"backend": "pil"}}, "views.backend=pil"),
+                                           ({"views": {"groups": [{"count": 2}]}}, "views.groups"),
+                                           ({"modalities": {"audio": {"window": 0}}}, "modalities.audio.window"),
+                                           ({"modalities": {"audio": {"gain_db": [3.0, -3.0]}}},
+                                            "modalities.audio.gain_db")])
 def test_bad_audio_view_settings_are_named(change, match):
+    clips = AudioClips(_clips(), {"class": (torch.full((3,), -1), None)}, name="c", sample_rate=RATE)
+    tree = {"method": {"name": "cpc-audio"}, "backbone": {"name": "cpc_audio_conv"}}
     with pytest.raises(ConfigError, match=match):
-        make_views(ViewConfig(**change), [0.0], [1.0], 1, 100, modality="audio")
-    with pytest.raises(ConfigError, match="view groups are crops of images"):
-        make_views(ViewConfig(), [0.0], [1.0], 1, 100, lambda side: [{"count": 2}], modality="audio")
+        AUDIO.views(resolve_config(recipe={}, tree={**tree, **change}), clips)
+    with pytest.raises(ConfigError, match="view groups are crops of images"):  # BYOL's paper views
+        AUDIO.views(resolve_config(recipe={}, tree={"method": {"name": "byol"}, "backbone": tree["backbone"]}), clips)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation side
@@ -196,23 +199,25 @@ def test_bad_audio_view_settings_are_named(change, match):
 
 def test_audio_preprocessing_round_trips_and_refuses_other_data(tmp_path):
     pre = AudioPreprocess(RATE, (0.5,), (2.0,))
-    assert Preprocess.from_dict(asdict(pre)) == pre
+    assert read_preprocess(asdict(pre), "x") == pre
     image = Preprocess(1, 16, (0.5,), (0.2,))
-    assert Preprocess.from_dict(asdict(image)) == image
+    assert read_preprocess(asdict(image), "x") == image
+    old = {k: v for k, v in asdict(image).items() if k != "modality"}  # written before preprocessing said its kind
+    assert read_preprocess(old, "x") == image
     clips = _clips()
     out = pre(clips)
     assert out.shape == (3, 1, 200) and torch.equal(out[1], (clips[1] - 0.5) / 2.0)
     assert pre(clips[[0, 2]]).shape == (2, 1, 120)  # cut after the batch's longest clip
     ds = AudioClips(clips, {"class": (torch.zeros(3), None)}, name="x", sample_rate=16000)
     with pytest.raises(DataError, match="trained on 8000 Hz audio; x is 16000 Hz audio: resample"):
-        modality_of(ds).check_preprocess(pre, ds)
-    with pytest.raises(DataError, match="trained on images; x holds audio"):
-        modality_of(ds).check_preprocess(image, ds)
+        modality_of(ds).for_encoder(ds, pre)
+    with pytest.raises(DataError, match="trained on image data; x holds audio data"):
+        modality_of(ds).for_encoder(ds, image)
 
 
 def test_mfcc_baseline_is_librosas_statistics_of_each_clips_own_samples():
     librosa = pytest.importorskip("librosa")
-    from contrastive.evaluation.features import mfcc_features
+    from contrastive.modalities.audio import mfcc_features
 
     rng = np.random.default_rng(0)
     raw = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (900, 1600, 1200)]

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from contrastive import autoconfig, machine
-from contrastive.config import read_yaml, to_dict
-from contrastive.runs import write_config
+from contrastive.config import DataConfig, read_yaml, to_dict
 from contrastive.configure import resolve_config
-from contrastive.data.splits import probe
-from contrastive.config import DataConfig
+from contrastive.modalities import image
+from contrastive.modalities.image import IMAGE
+from contrastive.runs import write_config
 
 CPU = ["train.device=cpu"]  # the choices under test are a CPU's, also where a GPU is present
 
@@ -39,7 +39,7 @@ def test_folder_of_32px_images_gets_the_cifar_recipe_with_a_cpu_backbone(tmp_pat
     # the CIFAR-10 recipe's own numbers (SimCLR B.9) came along: temperature 0.5, colour strength 0.5, no blur
     assert cfg.method["temperature"] == 0.5 and cfg.views.jitter_strength == 0.5 and cfg.views.blur_p == 0.0
     assert cfg.data.image_size == 32 and cfg.backbone == {"name": "small_cnn"}
-    assert cfg.train.epochs == autoconfig.CPU_MAX_EPOCHS
+    assert cfg.train.epochs == image.CPU_MAX_EPOCHS
     # 40 images, 4 held out: 36 for pretraining, and at least 4 steps an epoch -> 8
     assert cfg.train.batch_size == 8
     assert cfg.auto["recipe"].startswith("simclr-cifar10.yaml: the method's CIFAR-scale recipe")
@@ -54,12 +54,12 @@ def test_folder_of_32px_images_gets_the_cifar_recipe_with_a_cpu_backbone(tmp_pat
 def test_folder_of_500px_photos_gets_the_imagenet_recipe_at_a_cpu_size(tmp_path):
     root = write_images(tmp_path / "photos", 12, (640, 500))
     write_images(tmp_path / "photos", 4, (500, 375), prefix="b", mode="L")  # mixed sizes and modes
-    shape = probe(DataConfig(name=str(root)))
-    assert (shape.images, shape.size) == (16, 500) and "typically 500 px" in shape.how and "375-500" in shape.how
+    shape = IMAGE.probe(DataConfig(name=str(root)))
+    assert (shape.samples, shape.size) == (16, 500) and "typically 500 px" in shape.how and "375-500" in shape.how
     cfg = resolve_config(tree={"data": {"name": str(root)}}, overrides=CPU + ["eval.enabled=false"])
     # ImageNet-scale SimCLR (simclr.yaml): temperature 0.1, blur on, s = 1
     assert cfg.method["temperature"] == 0.1 and cfg.views.blur_p == 0.5 and cfg.views.jitter_strength == 1.0
-    assert cfg.data.image_size == autoconfig.CPU_MAX_SIDE == 96
+    assert cfg.data.image_size == image.CPU_MAX_SIDE == 96
     assert cfg.backbone == {"name": "small_cnn"} and "resnet50" in cfg.auto["backbone.name"]
     assert cfg.auto["recipe"].startswith("simclr.yaml: the method's ImageNet-scale recipe")
     assert "typically 500 px; at most 96 px on a CPU" in cfg.auto["data.image_size"]
@@ -148,10 +148,11 @@ def test_batch_search_respects_the_memory_estimate(free, monkeypatch, tmp_path):
     assert batch & (batch - 1) == 0 and 2 <= batch <= 512
     decoded = 50000 * 3 * 32 * 32
     room = autoconfig.MEMORY_SHARE * (free - decoded if decoded <= free / 2 else free)
-    ctx = BuildContext(channels=3, image_size=32, dataset_size=50000, num_classes=None, batch_size=batch,
+    ctx = BuildContext(input_shape=(3, 32, 32), dataset_size=50000, num_classes=None, batch_size=batch,
                        world_size=1, steps_per_epoch=1, epochs=1, backbone_section=cfg.backbone)
-    mem = budget.measure_step(build_method(cfg, ctx), channels=3, sizes=[32, 32], n_global=2,
-                              device=torch.device("cpu"), amp_dtype=None, step=StepInfo(step=0, epoch=0, total_steps=1))
+    trial = IMAGE.shape_trial(cfg, 3, 32, torch.device("cpu"))
+    mem = budget.measure_step(build_method(cfg, ctx), trial, device=torch.device("cpu"), amp_dtype=None,
+                              step=StepInfo(step=0, epoch=0, total_steps=1))
     assert mem.need(batch) <= room
     assert batch == 512 or mem.need(2 * batch) > room
     assert (batch == 512) == (free == 10 * 2**30)
@@ -164,13 +165,13 @@ def test_methods_that_need_labels_or_colour_get_derived_settings_on_a_labelled_r
     root = write_images(tmp_path / "small", 40, (32, 32), classes=("a", "b"))
     cfg = resolve_config(tree={"method": {"name": method}, "data": {"name": str(root)}}, overrides=CPU)
     assert cfg.train.batch_size == 8 and cfg.backbone["name"] == "small_cnn"
-    assert probe(DataConfig(name=str(root))).classes == 2
+    assert IMAGE.probe(DataConfig(name=str(root))).classes == 2
 
 
 def test_a_method_that_needs_labels_is_refused_on_an_unlabeled_folder_by_name(tmp_path):
     from contrastive.errors import ConfigError
 
     root = write_images(tmp_path / "flat", 40, (32, 32))
-    assert probe(DataConfig(name=str(root))).classes is None
+    assert IMAGE.probe(DataConfig(name=str(root))).classes is None
     with pytest.raises(ConfigError, match="method.name=supcon.*class sub-folders"):
         resolve_config(tree={"method": {"name": "supcon"}, "data": {"name": str(root)}}, overrides=CPU)

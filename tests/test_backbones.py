@@ -17,7 +17,7 @@ def _count(module: nn.Module) -> int:
 @pytest.mark.parametrize("name", sorted(FEATURE_DIMS))
 def test_output_shape_and_feature_dim_at_32px(name):
     torch.manual_seed(0)
-    net, dim = build_backbone({"name": name}, in_channels=3, image_size=32)
+    net, dim = build_backbone({"name": name}, input_shape=(3, 32, 32))
     assert dim == FEATURE_DIMS[name]
     with torch.no_grad():
         out = net.eval()(torch.randn(2, 3, 32, 32))
@@ -27,21 +27,21 @@ def test_output_shape_and_feature_dim_at_32px(name):
 
 @pytest.mark.parametrize("name,cifar_stem", [("resnet18", True), ("resnet18", False), ("small_cnn", None)])
 def test_single_channel_input(name, cifar_stem):
-    net, dim = build_backbone({"name": name, "cifar_stem": cifar_stem}, in_channels=1, image_size=32)
+    net, dim = build_backbone({"name": name, "cifar_stem": cifar_stem}, input_shape=(1, 32, 32))
     with torch.no_grad():
         out = net.eval()(torch.randn(2, 1, 32, 32))
     assert out.shape == (2, dim)
 
 
 def test_cifar_stem_is_3x3_stride_1_without_maxpool():
-    net, _ = build_backbone({"name": "resnet18", "cifar_stem": True}, in_channels=3, image_size=224)
+    net, _ = build_backbone({"name": "resnet18", "cifar_stem": True}, input_shape=(3, 224, 224))
     assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1) and net.conv1.padding == (1, 1)
     assert isinstance(net.maxpool, nn.Identity)
 
 
 @pytest.mark.parametrize("image_size,expect_cifar", [(32, True), (64, True), (96, False), (224, False)])
 def test_default_stem_follows_image_size(image_size, expect_cifar):
-    net, _ = build_backbone({"name": "resnet18"}, in_channels=3, image_size=image_size)
+    net, _ = build_backbone({"name": "resnet18"}, input_shape=(3, image_size, image_size))
     if expect_cifar:
         assert net.conv1.kernel_size == (3, 3) and isinstance(net.maxpool, nn.Identity)
     else:
@@ -50,24 +50,24 @@ def test_default_stem_follows_image_size(image_size, expect_cifar):
 
 
 def test_explicit_stem_overrides_image_size():
-    net, _ = build_backbone({"name": "resnet18", "cifar_stem": False}, in_channels=3, image_size=32)
+    net, _ = build_backbone({"name": "resnet18", "cifar_stem": False}, input_shape=(3, 32, 32))
     assert net.conv1.kernel_size == (7, 7) and isinstance(net.maxpool, nn.MaxPool2d)
-    small, _ = build_backbone({"name": "small_cnn", "cifar_stem": False}, in_channels=3, image_size=32)
+    small, _ = build_backbone({"name": "small_cnn", "cifar_stem": False}, input_shape=(3, 32, 32))
     assert small.features[0].stride == (2, 2)
 
 
 def test_resnet18_parameter_count_is_torchvisions_without_fc():
     reference = models.resnet18(weights=None)
     expected = _count(reference) - _count(reference.fc)
-    net, _ = build_backbone({"name": "resnet18", "cifar_stem": False}, in_channels=3, image_size=224)
+    net, _ = build_backbone({"name": "resnet18", "cifar_stem": False}, input_shape=(3, 224, 224))
     assert _count(net) == expected
-    cifar, _ = build_backbone({"name": "resnet18", "cifar_stem": True}, in_channels=3, image_size=32)
+    cifar, _ = build_backbone({"name": "resnet18", "cifar_stem": True}, input_shape=(3, 32, 32))
     assert _count(cifar) == expected - 64 * 3 * (7 * 7 - 3 * 3)
 
 
 def test_unknown_backbone_lists_known_ones():
     with pytest.raises(ConfigError) as e:
-        build_backbone({"name": "vgg11"}, in_channels=3, image_size=32)
+        build_backbone({"name": "vgg11"}, input_shape=(3, 32, 32))
     for name in FEATURE_DIMS:
         assert name in str(e.value)
 

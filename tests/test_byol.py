@@ -6,20 +6,20 @@ import os
 
 import pytest
 import torch
+from multiprocess import run_as_torchrun
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from contrastive import distributed
 from contrastive.config import ViewConfig
 from contrastive.configure import resolve_config
-from contrastive.data.views import TensorViews, view_groups
 from contrastive.errors import ConfigError
 from contrastive.losses import byol_loss
 from contrastive.methods.base import Batch, StepInfo
 from contrastive.methods.byol import BYOL, BYOLConfig
+from contrastive.modalities.image.views import TensorViews, view_groups
 from contrastive.nn.ema import momentum_at, momentum_copy
 from contrastive.registry import lookup
-from multiprocess import run_as_torchrun
 
 N, C, S = 8, 3, 4  # images, channels, side of the toy views
 STEP = StepInfo(step=3, epoch=0, total_steps=10)

@@ -12,10 +12,18 @@ import torch
 from PIL import Image
 
 from contrastive.config import DataConfig
-from contrastive.data.captions import (CAPTION_FILES, FLICKR8K_SHAPE, ImageCaptions, caption_file, flickr8k,
-                                       is_caption_folder, open_caption_folder, read_captions)
-from contrastive.data.modality import data_modality
 from contrastive.errors import ConfigError, DataError
+from contrastive.modalities import detect
+from contrastive.modalities.image_text.captions import (
+    CAPTION_FILES,
+    FLICKR8K_SHAPE,
+    ImageCaptions,
+    caption_file,
+    flickr8k,
+    is_caption_folder,
+    open_caption_folder,
+    read_captions,
+)
 from contrastive.registry import lookup
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -220,7 +228,7 @@ def test_flickr8k_refuses_incomplete_files_and_says_where_it_looked(tmp_path):
 
 def test_flickr8k_is_a_registered_image_text_dataset():
     assert lookup("datasets", "flickr8k") is flickr8k
-    assert data_modality(DataConfig(name="flickr8k")) == "image-text"
+    assert detect(DataConfig(name="flickr8k")).name == "image-text"
     assert FLICKR8K_SHAPE == (3, 128, 6000)
 
 

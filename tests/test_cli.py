@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from contrastive.cli import main
+from contrastive.modalities import modality_of
 
 QUICK = ["--epochs", "3", "data.image_size=16", "train.progress=false", "train.batch_size=128",
          "eval.linear_epochs=20", "method.projection_dim=16"]
@@ -31,13 +32,13 @@ def test_pretrain_eval_embed_on_digits(tmp_path, capsys):
     # three epochs of pretraining beat the same encoder at its initialisation, scored the same way
     from contrastive import api
     from contrastive.configure import resolve_config
-    from contrastive.data import load_splits
-    from contrastive.data.preprocess import Preprocess
+    from contrastive.modalities import load_splits
+    from contrastive.modalities.image.preprocess import Preprocess
 
     cfg = resolve_config(recipe=run / "config.yaml")
     splits = load_splits(cfg.data)
     torch.manual_seed(cfg.seed)
-    untrained = api.build_method(cfg, api.BuildContext.for_run(cfg, splits.pretrain)).encoder()
+    untrained = api.build_method(cfg, modality_of(splits.pretrain).context(cfg, splits.pretrain)).encoder()
     before = api.evaluate_encoder(untrained, Preprocess.for_dataset(splits.pretrain, None), splits.eval_train,
                                   splits.eval_test, cfg, note=splits.note)
     assert res["knn_top1"] > before["knn_top1"] + 0.03

@@ -9,21 +9,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from multiprocess import run_as_torchrun
 from PIL import Image
 from torch import nn
 
 from contrastive import api, distributed
 from contrastive.config import recipe_dir
-from contrastive.methods import method_config
 from contrastive.configure import resolve_config
 from contrastive.data.color import LAB_MEAN, LAB_STD, normalised_lab, rgb_to_lab
 from contrastive.errors import ConfigError
 from contrastive.losses import cmc_info_nce, nce_loss, nce_normaliser
+from contrastive.methods import method_config
 from contrastive.methods.base import Batch, BuildContext, StepInfo
 from contrastive.methods.cmc import CMC, CMCConfig
+from contrastive.modalities import modality_of
 from contrastive.training.checkpoint import load_checkpoint
-
-from multiprocess import run_as_torchrun
 
 # ------------------------------------------------------------------------------------------------ colour
 
@@ -239,7 +239,7 @@ def test_the_recipes_other_forms_stay_on_the_input_device(overrides):
     from test_devices import _on_cpu, guarded
 
     cfg = resolve_config(recipe=recipe_dir() / "cmc-cifar10.yaml", overrides=overrides)
-    ctx = BuildContext(channels=3, image_size=16, dataset_size=64, num_classes=10, batch_size=8, world_size=1,
+    ctx = BuildContext(input_shape=(3, 16, 16), dataset_size=64, num_classes=10, batch_size=8, world_size=1,
                        steps_per_epoch=4, epochs=2, backbone_section=cfg.backbone, mean=MEAN, std=STD)
     torch.manual_seed(0)
     method = api.build_method(cfg, ctx)
@@ -256,7 +256,7 @@ def test_the_recipes_other_forms_stay_on_the_input_device(overrides):
 
 
 def _ctx(channels=3, mean=(0.5,) * 3, std=(0.25,) * 3):
-    return BuildContext(channels=channels, image_size=8, dataset_size=32, num_classes=None, batch_size=8,
+    return BuildContext(input_shape=(channels, 8, 8), dataset_size=32, num_classes=None, batch_size=8,
                         world_size=1, steps_per_epoch=4, epochs=1, backbone_section={"name": "small_cnn"},
                         mean=mean, std=std)
 
@@ -289,12 +289,12 @@ def test_grey_data_missing_statistics_and_bad_fields_are_refused(tmp_path):
 def test_the_context_carries_the_data_statistics_and_an_old_one_still_loads():
     from dataclasses import asdict
 
-    from contrastive.data.datasets import TensorImages
+    from contrastive.modalities.image.datasets import TensorImages
 
     images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     data = TensorImages(images, torch.zeros(10, dtype=torch.long), name="toy", classes=None)
     cfg = resolve_config(recipe=recipe_dir() / "cmc-cifar10.yaml", overrides=["train.batch_size=4"])
-    ctx = BuildContext.for_run(cfg, data)
+    ctx = modality_of(data).context(cfg, data)
     assert ctx.mean == pytest.approx(tuple((images.float() / 255).mean(dim=(0, 2, 3)).tolist()))
     assert ctx.std == data.std and len(ctx.std) == 3
     old = {k: v for k, v in asdict(ctx).items() if k not in ("mean", "std")}  # a context saved before them
@@ -369,7 +369,7 @@ DETERMINISTIC = ["views.crop_scale=[1.0,1.0]", "views.crop_ratio=[1.0,1.0]", "vi
 
 def _run_trainer(data: str, output: str, contrast: str) -> dict:
     """Train, and return this process's method state (every rank's, not only the checkpoint's rank 0)."""
-    from contrastive.data import load_splits
+    from contrastive.modalities import load_splits
     from contrastive.training.trainer import Trainer
 
     cfg = _cfg(data, output, *DETERMINISTIC, f"method.contrast={contrast}")

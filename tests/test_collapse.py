@@ -15,9 +15,10 @@ from torch import nn
 from contrastive import api
 from contrastive.configure import resolve_config
 from contrastive.methods.base import Batch, Method, MethodSpec, StepOutput
+from contrastive.modalities import modality_of
+from contrastive.optim.schedules import cosine
 from contrastive.registry import register
 from contrastive.training.collapse import collapse_stats, collapsed
-from contrastive.optim.schedules import cosine
 
 
 def test_a_constant_embedding_has_zero_std_and_rank_one():
@@ -92,12 +93,11 @@ def test_the_trainer_logs_the_watch_warns_once_and_schedules_each_group(tmp_path
         "train.memory_check=false", "train.log_every=1", "optim.name=sgd", "optim.lr=0.1", "optim.lr_scaling=none",
         "optim.warmup_epochs=0", "optim.weight_decay=0.04", "optim.weight_decay_end=0.4", "views.n_views=1",
         f"train.output={tmp_path}"])
-    from contrastive.data import load_splits
-    from contrastive.methods.base import BuildContext
+    from contrastive.modalities import load_splits
     from contrastive.training.trainer import Trainer
 
     data = load_splits(cfg.data).pretrain
-    trainer = Trainer(cfg, api.build_method(cfg, BuildContext.for_run(cfg, data)), data, tmp_path)
+    trainer = Trainer(cfg, api.build_method(cfg, modality_of(data).context(cfg, data)), data, tmp_path)
     with caplog.at_level(logging.WARNING, logger="contrastive.train"):
         trainer.fit()
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))

@@ -2,10 +2,10 @@ import pytest
 
 from contrastive.config import Config, find_recipe, parse_override, recipe_dir
 from contrastive.configure import apply_overrides, resolve_config
-from contrastive.methods import method_config
-from contrastive.nn.audio import AUDIO_BACKBONES
-from contrastive.nn.text import TEXT_BACKBONES
 from contrastive.errors import ConfigError
+from contrastive.methods import method_config
+from contrastive.modalities.audio import AUDIO
+from contrastive.registry import lookup
 
 
 def test_defaults_then_recipe_then_overrides():
@@ -73,22 +73,25 @@ def test_every_shipped_recipe_resolves_and_takes_a_training_step(name):
     dataset = name.removesuffix(".yaml").removeprefix(method_name).lstrip("-")
     if dataset:
         assert find_recipe(method_name, dataset).name == name
-    audio = cfg.backbone["name"] in AUDIO_BACKBONES  # waveform windows [n, 1, T]
+    reads = lookup("backbones", cfg.backbone["name"]).reads
+    audio = reads == "audio"  # waveform windows [n, 1, T]
     channels = 1 if ("mnist" in dataset or dataset == "digits" or audio) else 3
     size = 64 if dataset == "stl10" else 16
     n = 8
     if "patch_size" in cfg.method:  # CPC: a grid with a row below the largest offset, two images of it
         m = cfg.method
         size, n = max(size, m["patch_size"] + max(m["offsets"]) * m["patch_stride"]), 2
-    ctx = BuildContext(channels=channels, image_size=size, dataset_size=64, num_classes=10, batch_size=n,
+    window = AUDIO.settings(cfg).window
+    ctx = BuildContext(input_shape=(channels, window) if audio else (channels, size, size), dataset_size=64,
+                       num_classes=10, batch_size=n,
                        world_size=1, steps_per_epoch=8, epochs=cfg.train.epochs, backbone_section=cfg.backbone,
                        mean=(0.5,) * channels, std=(0.25,) * channels)
     torch.manual_seed(0)
     method = build_method(cfg, ctx)
-    shape = (cfg.views.window,) if audio else (size, size)
+    shape = (window,) if audio else (size, size)
     views = [torch.randn(n, channels, *shape) for _ in range(cfg.views.n_views)]
     ids = torch.randint(1000, 2000, (n, 12))  # token ids of words (not special tokens, not padding)
-    if cfg.backbone["name"] in TEXT_BACKBONES:  # sentences: one view, or the columns of pairs and triples
+    if reads == "text":  # sentences: one view, or the columns of pairs and triples
         views = [ids] * (3 if method_name == "simcse-sup" else 1)
     elif "text" in cfg.method:  # image-caption pairs: a crop and a caption
         views = [views[0], ids]

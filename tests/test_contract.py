@@ -5,15 +5,24 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from contrastive import api
 from contrastive.configure import resolve_config
 from contrastive.errors import CheckpointError
 from contrastive.losses import nt_xent
-from contrastive.methods.base import STREAM_GLOBAL, Batch, BuildContext, Method, MethodSpec, StepInfo, StepOutput, step_seed
+from contrastive.methods.base import (
+    STREAM_GLOBAL,
+    Batch,
+    BuildContext,
+    Method,
+    MethodSpec,
+    StepInfo,
+    StepOutput,
+    step_seed,
+)
 from contrastive.methods.simclr import SimCLR, SimCLRConfig
+from contrastive.modalities import modality_of
 from contrastive.registry import register
 from contrastive.training.checkpoint import load_checkpoint
 
@@ -70,12 +79,12 @@ def _cfg(out, *extra, method="probe"):
 
 
 def _trainer(cfg):
-    from contrastive.data import load_splits
+    from contrastive.modalities import load_splits
     from contrastive.training.trainer import Trainer
 
     data = load_splits(cfg.data).pretrain
     torch.manual_seed(cfg.seed)
-    method = api.build_method(cfg, BuildContext.for_run(cfg, data))
+    method = api.build_method(cfg, modality_of(data).context(cfg, data))
     return Trainer(cfg, method, data, cfg.train.output), data
 
 
@@ -207,7 +216,7 @@ def test_encoder_pt_holds_cpu_tensors_and_rebuilds_the_evaluated_encoder(tmp_pat
 def test_each_build_backbone_call_makes_an_independent_encoder():
     """CMC builds one encoder per view from one context: no shared parameter or buffer, its own random start,
     and training one leaves the other as it was."""
-    ctx = BuildContext(channels=1, image_size=8, dataset_size=64, num_classes=10, batch_size=8, world_size=1,
+    ctx = BuildContext(input_shape=(1, 8, 8), dataset_size=64, num_classes=10, batch_size=8, world_size=1,
                        steps_per_epoch=8, epochs=1, backbone_section={"name": "small_cnn", "widths": [4, 8]})
     torch.manual_seed(0)
     (a, dim_a), (b, dim_b) = ctx.build_backbone(), ctx.build_backbone()

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
+from multiprocess import run_as_torchrun
 from torch.nn.parallel import DistributedDataParallel
 
 from contrastive import api, distributed
@@ -13,9 +13,9 @@ from contrastive.configure import resolve_config
 from contrastive.errors import ConfigError
 from contrastive.methods.base import Batch, BuildContext, StepInfo
 from contrastive.methods.cpc import CPC, CPCConfig, patchify
+from contrastive.modalities import modality_of
 from contrastive.nn.backbones import build_backbone
 from contrastive.nn.context import RowCausalContext
-from multiprocess import run_as_torchrun
 
 N, C, S, P, STRIDE = 4, 3, 16, 8, 4  # images, channels, side, patch, stride: a 3x3 grid
 STEP = StepInfo(step=5, epoch=0, total_steps=10, seed=3)
@@ -23,8 +23,8 @@ STEP = StepInfo(step=5, epoch=0, total_steps=10, seed=3)
 
 def _method(norm="layer", **cfg) -> CPC:
     torch.manual_seed(0)
-    backbone, dim = build_backbone({"name": "small_cnn", "widths": [8, 16], "norm": norm}, in_channels=C,
-                                   image_size=P)
+    backbone, dim = build_backbone({"name": "small_cnn", "widths": [8, 16], "norm": norm}, input_shape=(C,
+                                   P, P))
     cfg = {"patch_size": P, "patch_stride": STRIDE, "offsets": [1, 2], "target_dim": 6, "context_blocks": 2,
            "context_width": 8, "patch_crop": 0.75, "patch_hflip_p": 0.5, "channel_drop_p": 0.5, **cfg}
     return CPC(backbone, dim, CPCConfig(**cfg), image_size=S)
@@ -199,7 +199,7 @@ def test_bad_settings_are_named():
         method(Batch(views=[_images(), _images()], index=torch.arange(N), label=torch.arange(N)), step=STEP)
     with pytest.raises(ConfigError, match="backbone.norm='instance'"):
         _method(norm="instance")
-    ctx = BuildContext(channels=C, image_size=S, dataset_size=8, num_classes=None, batch_size=4, world_size=1,
+    ctx = BuildContext(input_shape=(C, S, S), dataset_size=8, num_classes=None, batch_size=4, world_size=1,
                        steps_per_epoch=2, epochs=1)
     for bad, field in (({"offsets": [0, 1]}, "method.offsets"), ({"patch_crop": 0.0}, "method.patch_crop"),
                        ({"channel_drop_p": 2.0}, "method.channel_drop_p")):
@@ -210,7 +210,7 @@ def test_bad_settings_are_named():
 
 @pytest.mark.slow
 def test_a_checkpoint_loads_as_the_trained_encoder(tmp_path):
-    from contrastive.data import load_splits
+    from contrastive.modalities import load_splits
     from contrastive.training.trainer import Trainer
 
     cfg = resolve_config(tree={"data": {"name": "digits"}, "method": {"name": "cpc"}},
@@ -218,7 +218,7 @@ def test_a_checkpoint_loads_as_the_trained_encoder(tmp_path):
                                     "train.max_steps=2", "train.progress=false", "train.tensorboard=false",
                                     f"train.output={tmp_path}"])
     data = load_splits(cfg.data).pretrain
-    method = api.build_method(cfg, BuildContext.for_run(cfg, data))
+    method = api.build_method(cfg, modality_of(data).context(cfg, data))
     Trainer(cfg, method, data, tmp_path).fit()
     encoder, info = api.load_encoder(tmp_path / "checkpoint.pt")
     assert info["feature_dim"] == method.feature_dim

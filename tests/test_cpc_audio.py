@@ -6,15 +6,15 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy.io import wavfile
 
 from contrastive import api
 from contrastive.config import DataConfig, recipe_dir
 from contrastive.configure import resolve_config
 from contrastive.errors import ConfigError
-from contrastive.methods.base import Batch, BuildContext, StepInfo
+from contrastive.methods.base import Batch, StepInfo
 from contrastive.methods.cpc_audio import CPCAudio, CPCAudioConfig
+from contrastive.modalities import modality_of
 from contrastive.nn.audio import AudioConv
 from contrastive.training.checkpoint import load_checkpoint
 
@@ -148,22 +148,22 @@ def test_the_context_is_causal_later_samples_change_no_earlier_context():
 
 def test_too_short_a_window_and_an_image_backbone_are_named():
     method = _method(steps=12)
-    with pytest.raises(ConfigError, match=r"views.window=640 samples give 8 frames, too few to predict method.steps=12"):
+    with pytest.raises(ConfigError, match=r"windows of 640 samples give 8 frames, too few to predict method.steps=12.*modalities.audio.window"):
         method(Batch(views=[torch.randn(2, 1, 640)], index=torch.arange(2), label=torch.zeros(2)), step=INFO)
-    from contrastive.nn.backbones import small_cnn, SmallCNNConfig
+    from contrastive.nn.convnets import SmallCNNConfig, small_cnn
 
     with pytest.raises(ConfigError, match="backbone.name must be an audio backbone"):
-        CPCAudio(small_cnn(SmallCNNConfig(), in_channels=1, image_size=16)[0], CPCAudioConfig())
-    with pytest.raises(ConfigError, match="backbone.name=cpc_audio_conv reads audio waveforms, and this data is images"):
+        CPCAudio(small_cnn(SmallCNNConfig(), (1, 16, 16))[0], CPCAudioConfig())
+    with pytest.raises(ConfigError, match="backbone.name=cpc_audio_conv reads audio data, and this data is image data"):
         _trainer_for(resolve_config(recipe=RECIPE, overrides=["data.name=digits"]), "/tmp/unused")
 
 
 def _trainer_for(cfg, out):
-    from contrastive.data import load_splits
+    from contrastive.modalities import load_splits
     from contrastive.training.trainer import Trainer
 
     data = load_splits(cfg.data, evaluate=False).pretrain
-    return Trainer(cfg, api.build_method(cfg, BuildContext.for_run(cfg, data)), data, out)
+    return Trainer(cfg, api.build_method(cfg, modality_of(data).context(cfg, data)), data, out)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -183,7 +183,7 @@ def _write_fsdd(folder, speakers=("ann", "bob"), indices=range(8)):
                 wavfile.write(folder / f"{d}_{speaker}_{i}.wav", 8000, (wave * 32767).astype(np.int16))
 
 
-FAST = ["backbone.widths=[8,8,8,8]", "method.context_dim=8", "method.steps=4", "views.window=800",
+FAST = ["backbone.widths=[8,8,8,8]", "method.context_dim=8", "method.steps=4", "modalities.audio.window=800",
         "train.batch_size=8", "train.progress=false", "train.tensorboard=false", "train.log_every=1",
         "eval.linear_epochs=5", "eval.knn_k=5"]
 

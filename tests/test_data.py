@@ -15,16 +15,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from contrastive.config import DataConfig
-from contrastive.data import (
-    Subset,
-    TensorImages,
-    collate_skip_corrupt,
-    is_labelled,
-    load_splits,
-    open_folder,
-    resolve_dataset,
-)
+from contrastive.data import collate_skip_corrupt, is_labelled
 from contrastive.errors import DataError
+from contrastive.modalities import load_splits, resolve_dataset
+from contrastive.modalities.image.datasets import Subset, TensorImages
+from contrastive.modalities.image.folder import open_folder
 
 
 def data_cfg(name: str | Path = "digits", **kw) -> DataConfig:
@@ -71,10 +66,10 @@ def test_digits_split_shapes_labels_and_seed():
 
     native = load_splits(data_cfg(image_size=8))  # no upsampling: pixels are sklearn's 0..16 scaled
     expect = np.rint(images[te] * 255 / 16).astype(np.uint8)
-    assert torch.equal(native.eval_test.images[:, 0], torch.from_numpy(expect))
+    assert torch.equal(native.eval_test.samples[:, 0], torch.from_numpy(expect))
 
     again, other = load_splits(data_cfg()), load_splits(data_cfg(split_seed=1))
-    assert torch.equal(again.eval_test.images, s.eval_test.images)
+    assert torch.equal(again.eval_test.samples, s.eval_test.samples)
     assert not torch.equal(other.eval_test.labels, s.eval_test.labels)
     assert torch.equal(other.eval_test.labels, torch.from_numpy(target[sklearn_split(1)[1]]))
 
@@ -106,7 +101,7 @@ def test_fashion_mnist_idx_round_trip(tmp_path, gz):
     sets = write_idx_set(tmp_path / "FashionMNIST" / "raw", np.random.default_rng(0), gz)  # torchvision's layout
     s = load_splits(data_cfg("fashion-mnist", data_dir=str(tmp_path)))
     for ds, (x, y) in ((s.eval_train, sets["train"]), (s.eval_test, sets["t10k"])):
-        assert torch.equal(ds.images, torch.from_numpy(x).unsqueeze(1))
+        assert torch.equal(ds.samples, torch.from_numpy(x).unsqueeze(1))
         assert ds.labels.tolist() == y.tolist()
     assert s.pretrain is s.eval_train and s.pretrain.classes[9] == "Ankle boot"
     assert s.pretrain.mean == (0.2860,) and "official train/test split (5/3" in s.note
@@ -116,7 +111,7 @@ def test_idx_resized_in_memory_equals_streaming(tmp_path):
     write_idx_set(tmp_path, np.random.default_rng(1), gz=False)
     eager = load_splits(data_cfg("fashion-mnist", data_dir=str(tmp_path), image_size=32))
     lazy = load_splits(data_cfg("fashion-mnist", data_dir=str(tmp_path), image_size=32, in_memory=False))
-    assert eager.eval_test.images.shape == (3, 1, 32, 32) and lazy.eval_test.images is None
+    assert eager.eval_test.samples.shape == (3, 1, 32, 32) and lazy.eval_test.samples is None
     assert_same_items(eager.eval_test, lazy.eval_test)
 
 
@@ -134,14 +129,14 @@ def test_mnist_pickle_and_torchvision_layout(tmp_path):
     with gzip.open(tmp_path / "mnist.pkl.gz", "wb") as f:
         pickle.dump(tuple((p.astype(np.float32) / 256, y) for p, y in zip(parts, labels)), f)
     s = load_splits(data_cfg("mnist", data_dir=str(tmp_path)))
-    assert torch.equal(s.eval_train.images.flatten(1), torch.from_numpy(np.concatenate(parts[:2]).astype(np.uint8)))
+    assert torch.equal(s.eval_train.samples.flatten(1), torch.from_numpy(np.concatenate(parts[:2]).astype(np.uint8)))
     assert s.eval_train.labels.tolist() == np.concatenate(labels[:2]).tolist()
-    assert torch.equal(s.eval_test.images.flatten(1), torch.from_numpy(parts[2].astype(np.uint8)))
+    assert torch.equal(s.eval_test.samples.flatten(1), torch.from_numpy(parts[2].astype(np.uint8)))
     assert s.eval_test.labels.tolist() == labels[2].tolist()
 
     sets = write_idx_set(tmp_path / "idx" / "MNIST" / "raw", rng, gz=True)
     s = load_splits(data_cfg("mnist", data_dir=str(tmp_path / "idx")))
-    assert torch.equal(s.eval_test.images[:, 0], torch.from_numpy(sets["t10k"][0]))
+    assert torch.equal(s.eval_test.samples[:, 0], torch.from_numpy(sets["t10k"][0]))
 
 
 def test_cifar10_pickles_round_trip(tmp_path):
@@ -156,7 +151,7 @@ def test_cifar10_pickles_round_trip(tmp_path):
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
     s = load_splits(data_cfg("cifar10", data_dir=str(tmp_path)))
     train_x = np.concatenate([batches[f"data_batch_{i}"][0] for i in range(1, 6)])
-    assert torch.equal(s.eval_train.images, torch.from_numpy(train_x.reshape(10, 3, 32, 32)))
+    assert torch.equal(s.eval_train.samples, torch.from_numpy(train_x.reshape(10, 3, 32, 32)))
     assert s.eval_train.labels.tolist() == [int(v) for i in range(1, 6) for v in batches[f"data_batch_{i}"][1]]
     # Row layout is 1024 red, 1024 green, 1024 blue values, each row-major.
     x, y = batches["test_batch"]
@@ -173,7 +168,7 @@ def test_cifar100_fine_labels(tmp_path):
         (folder / name).write_bytes(pickle.dumps({b"data": x, b"fine_labels": (y * 9).tolist(), b"coarse_labels": y}))
     (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}))
     s = load_splits(data_cfg("cifar100", data_dir=str(tmp_path)))
-    assert torch.equal(s.eval_test.images, torch.from_numpy(x.reshape(4, 3, 32, 32)))
+    assert torch.equal(s.eval_test.samples, torch.from_numpy(x.reshape(4, 3, 32, 32)))
     assert s.eval_test.labels.tolist() == (y * 9).tolist() and s.eval_test.classes[99] == "c99"
 
 
@@ -238,7 +233,7 @@ def test_folder_in_memory_and_streaming_identical(tmp_path):
     write_png(root / "dog" / "wide.png", 0, size=(12, 8))
     Image.fromarray(np.tile((np.arange(12) * 20).astype(np.uint8), (8, 1))).save(root / "dog" / "wide.png")
     eager, lazy = (open_folder(root, data_cfg(in_memory=m, num_workers=w)) for m, w in ((True, 1), (False, 0)))
-    assert isinstance(eager, TensorImages) and eager.images.shape == (7, 3, 8, 8)
+    assert isinstance(eager, TensorImages) and eager.samples.shape == (7, 3, 8, 8)
     assert_same_items(eager, lazy)
     assert eager.mean == pytest.approx(lazy.mean) and eager.std == pytest.approx(lazy.std)
     # 12x8 gray ramp: shorter side is already 8, so the centre crop keeps columns 2..9 exactly.
@@ -247,7 +242,7 @@ def test_folder_in_memory_and_streaming_identical(tmp_path):
 
 def test_folder_resized_to_image_size(tmp_path):
     ds = open_folder(labelled_tree(tmp_path / "tree", per_class=2), data_cfg(image_size=16))
-    assert ds.images.shape == (4, 3, 16, 16) and ds[3][0][:, 9, 3].tolist() == [101, 102, 103]
+    assert ds.samples.shape == (4, 3, 16, 16) and ds[3][0][:, 9, 3].tolist() == [101, 102, 103]
 
 
 def test_unlabeled_flat_folder_just_works(tmp_path):
@@ -394,18 +389,18 @@ def test_mixed_sizes_and_modes_decode_at_the_median_side(tmp_path):
         (tmp_path / "mixed").mkdir(exist_ok=True)
         Image.new(mode, size).save(tmp_path / "mixed" / f"{i}.png")
     ds = open_folder(tmp_path / "mixed", data_cfg())
-    assert ds.images.shape == (4, 3, 30, 30)  # shorter sides 30, 20, 48, 30: median (low) 30
+    assert ds.samples.shape == (4, 3, 30, 30)  # shorter sides 30, 20, 48, 30: median (low) 30
 
 
 def test_a_folder_larger_than_memory_streams(tmp_path, monkeypatch, caplog):
     from contrastive import machine
-    from contrastive.data import FolderImages
+    from contrastive.modalities.image.folder import FolderImages
 
     root = labelled_tree(tmp_path / "tree", per_class=5)  # 10 images, 3 x 8 x 8 bytes each decoded
     monkeypatch.setattr(machine, "available_memory", lambda device: (3 * 8 * 8 * 10 * 2 - 1, "a test's limit"))
     with caplog.at_level(logging.WARNING, logger="contrastive.data"):
         ds = open_folder(root, data_cfg())
-    assert isinstance(ds, FolderImages) and ds.images is None and "data.in_memory=false" in caplog.text
+    assert isinstance(ds, FolderImages) and ds.samples is None and "data.in_memory=false" in caplog.text
     monkeypatch.setattr(machine, "available_memory", lambda device: (3 * 8 * 8 * 10 * 2, "a test's limit"))
     assert isinstance(open_folder(root, data_cfg()), TensorImages)
     assert isinstance(open_folder(root, data_cfg(in_memory=False)), FolderImages)  # a setting wins

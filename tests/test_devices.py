@@ -25,18 +25,19 @@ from torch.utils._pytree import tree_leaves
 from contrastive import api, distributed, losses
 from contrastive.config import ViewConfig, recipe_dir
 from contrastive.configure import resolve_config
-from contrastive.data import augment, load_splits
-from contrastive.data.modality import data_modality
-from contrastive.data.preprocess import Preprocess
-from contrastive.data.views import TensorViews, eval_preprocess
+from contrastive.data import augment
+from contrastive.device import keep_on_device, resolve_device, resolve_precision
 from contrastive.errors import ConfigError, NonFiniteLossError
-from contrastive.evaluation import knn_device, knn_predict, knn_top1, raw_pixel_features
+from contrastive.evaluation import knn_device, knn_predict, knn_top1
 from contrastive.methods.base import Batch, BuildContext, Method, MethodSpec, StepInfo, StepOutput
+from contrastive.modalities import detect, load_splits, modality_of
+from contrastive.modalities.image import raw_pixel_features
+from contrastive.modalities.image.preprocess import Preprocess
+from contrastive.modalities.image.views import TensorViews, eval_preprocess
 from contrastive.registry import lookup, names, register
 from contrastive.training import trainer as trainer_module
 from contrastive.training.checkpoint import load_checkpoint
 from contrastive.training.trainer import Trainer
-from contrastive.device import keep_on_device, resolve_device, resolve_precision
 
 aten = torch.ops.aten
 
@@ -180,19 +181,19 @@ def _tiny_method(name: str, n: int = 8):
                    if p.is_file()), None)
     assert recipe is not None, f"{name} has no digits or cifar10 recipe; add configs/{name}-digits.yaml"
     cfg = resolve_config(recipe=recipe)
-    text = data_modality(cfg.data) in ("text", "image-text")
+    text = detect(cfg.data).name in ("text", "image-text")
     if text:  # a small text encoder in place of the recipe's MiniLM: the same code paths, a fraction of the time
         tiny = {"name": "text_transformer", "width": 32, "depth": 1, "heads": 2}
         cfg = resolve_config(recipe=recipe, tree={"method": {"text": tiny}} if "text" in cfg.method else
                              {"backbone": tiny})
     channels = 1 if recipe.stem.endswith("digits") else 3
-    ctx = BuildContext(channels=channels, image_size=16, dataset_size=64, num_classes=10, batch_size=n, world_size=1,
+    ctx = BuildContext(input_shape=(channels, 16, 16), dataset_size=64, num_classes=10, batch_size=n, world_size=1,
                        steps_per_epoch=4, epochs=2, backbone_section=cfg.backbone, mean=(0.5,) * channels,
                        std=(0.25,) * channels)
     torch.manual_seed(0)
     method = api.build_method(cfg, ctx)
     g = torch.Generator().manual_seed(1)
-    side = [1280] if data_modality(cfg.data) == "audio" else [16, 16]  # 16 frames of 80 samples
+    side = [1280] if detect(cfg.data).name == "audio" else [16, 16]  # 16 frames of 80 samples
     views = [torch.randn(n, channels, *side, generator=g) for _ in range(cfg.views.n_views)]
     if text:  # token ids of words: sentences (the columns of triples for simcse-sup), or a crop and a caption
         ids = torch.randint(1000, 2000, (n, 12), generator=g)
@@ -224,9 +225,7 @@ _BACKBONE_SECTIONS = {"vit_tiny": {"position_embedding": "sincos", "patch_size":
 def test_every_backbone_stays_on_the_input_device():
     """forward and backward of every registered backbone, at its build size and (ViTs interpolate their
     position embedding) at another one."""
-    from contrastive.nn.audio import AUDIO_BACKBONES
     from contrastive.nn.backbones import build_backbone
-    from contrastive.nn.text import TEXT_BACKBONES
 
     backbones = [n for n in names("backbones") if lookup("backbones", n).build.__module__.startswith("contrastive.")]
     assert {"small_cnn", "resnet18"} <= set(backbones)
@@ -237,8 +236,9 @@ def test_every_backbone_stays_on_the_input_device():
             from contrastive.nn.text import minilm_path
 
             section["path"] = minilm_path()
-        model, dim = build_backbone(section, in_channels=3, image_size=32)
-        if name in TEXT_BACKBONES:  # token ids in, of two lengths; the gradient reaches the weights
+        reads = lookup("backbones", name).reads
+        model, dim = build_backbone(section, input_shape=(3, 32 * 40) if reads == "audio" else (3, 32, 32))
+        if reads == "text":  # token ids in, of two lengths; the gradient reaches the weights
             for length in (7, 12):
                 out = guarded(model, torch.randint(1000, 2000, (2, length)))
                 guarded(out.sum().backward)
@@ -246,7 +246,7 @@ def test_every_backbone_stays_on_the_input_device():
                 _on_cpu(out, [p.grad for p in model.parameters() if p.grad is not None])
             continue
         for side in (32, 48):
-            shape = (side * 40,) if name in AUDIO_BACKBONES else (side, side)  # waveforms, or images
+            shape = (side * 40,) if reads == "audio" else (side, side)  # waveforms, or images
             x = torch.randn(2, 3, *shape, requires_grad=True)
             out = guarded(model, x)
             guarded(out.sum().backward)
@@ -346,7 +346,7 @@ def _trainer(tmp_path, *extra, method="plain-test"):
                          overrides=FAST + [f"train.output={tmp_path}", *extra])
     data = load_splits(cfg.data).pretrain
     torch.manual_seed(cfg.seed)
-    return Trainer(cfg, api.build_method(cfg, BuildContext.for_run(cfg, data)), data, tmp_path)
+    return Trainer(cfg, api.build_method(cfg, modality_of(data).context(cfg, data)), data, tmp_path)
 
 
 def test_a_training_step_on_an_accelerator_never_synchronises(monkeypatch, tmp_path):
@@ -382,12 +382,12 @@ def test_a_training_step_on_an_accelerator_never_synchronises(monkeypatch, tmp_p
 def _supervised_syncs(epochs: int, optimizer: str) -> collections.Counter:
     """Host synchronisations of a whole fine-tuning loop (3 steps an epoch, clipping on, no metrics rows)."""
     from contrastive.config import OptimConfig
+    from contrastive.nn.backbones import build_backbone
     from contrastive.stages.classifier import Classifier
     from contrastive.stages.supervised import crop_flip_views, train_loop
-    from contrastive.nn.backbones import build_backbone
 
     torch.manual_seed(0)
-    enc, dim = build_backbone({"name": "small_cnn", "widths": [4, 8]}, in_channels=3, image_size=16)
+    enc, dim = build_backbone({"name": "small_cnn", "widths": [4, 8]}, input_shape=(3, 16, 16))
     model = Classifier(enc, dim, 3)
     targets = torch.arange(24) % 3
     optim = OptimConfig(name=optimizer, lr=0.5, lr_scaling="none", weight_decay=1e-4, warmup_epochs=1, grad_clip=1.0)
@@ -573,7 +573,7 @@ def _meta_trainer(tmp_path, method, *extra):
                          overrides=[f"train.output={tmp_path}", "data.image_size=16", *extra])
     data = load_splits(cfg.data).pretrain
     torch.manual_seed(0)
-    return Trainer(cfg, api.build_method(cfg, BuildContext.for_run(cfg, data, 2)), data, tmp_path)
+    return Trainer(cfg, api.build_method(cfg, modality_of(data).context(cfg, data, 2)), data, tmp_path)
 
 
 @pytest.mark.parametrize("method", ["simclr", "moco-v2"])
@@ -699,18 +699,18 @@ def test_compiled_training_does_not_recompile_after_step_2(monkeypatch, tmp_path
 
 @pytest.mark.parametrize("cap, side", [(8, 8), (None, 16), (32, 16)])
 def test_raw_pixel_baseline_is_at_most_raw_pixel_size(monkeypatch, cap, side):
-    from contrastive.evaluation import features
+    from contrastive.modalities import image
 
     seen = []
-    real = features.raw_pixel_features
+    real = image.raw_pixel_features
 
     def spy(ds, **kw):
         seen.append(kw["preprocess"].size)
         return real(ds, **kw)
 
-    monkeypatch.setattr(features, "raw_pixel_features", spy)
+    monkeypatch.setattr(image, "raw_pixel_features", spy)
     cfg = resolve_config(tree={"data": {"name": "digits"}},
-                         overrides=["data.image_size=16", "eval.linear=false", f"eval.raw_pixel_size={cap or 'null'}"])
+                         overrides=["data.image_size=16", "eval.linear=false", f"modalities.image.raw_pixel_size={cap or 'null'}"])
     splits = load_splits(cfg.data)
     pre = Preprocess.for_dataset(splits.pretrain, 16)
     res = api.evaluate_encoder(nn.Flatten(), pre, splits.eval_train, splits.eval_test, cfg, note=splits.note)

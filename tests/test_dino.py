@@ -8,21 +8,22 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from multiprocess import run_as_torchrun
 from torch import nn
 
 from contrastive import api
 from contrastive.config import ViewConfig
 from contrastive.configure import resolve_config
-from contrastive.data.views import GROUP_FIELDS, view_groups, view_shapes
 from contrastive.errors import ConfigError
 from contrastive.losses import dino_loss
 from contrastive.methods.base import Batch, StepInfo
 from contrastive.methods.dino import DINO, DINOConfig, teacher_temperature_at
 from contrastive.methods.dino import view_groups as dino_groups
+from contrastive.modalities import modality_of
+from contrastive.modalities.image.views import GROUP_FIELDS, view_groups, view_shapes
 from contrastive.nn.ema import momentum_at
 from contrastive.nn.heads import DINOHead
 from contrastive.training.checkpoint import load_checkpoint
-from multiprocess import run_as_torchrun
 
 N, C, S, L = 6, 3, 8, 4  # images, channels, global side, local side
 K = 32  # out_dim of the toy head
@@ -267,8 +268,8 @@ def test_teacher_has_no_stochastic_depth():
     from contrastive.nn.backbones import build_backbone
 
     torch.manual_seed(0)
-    backbone, dim = build_backbone({"name": "vit_tiny", "patch_size": 4, "drop_path_rate": 0.1}, in_channels=3,
-                                   image_size=8)
+    backbone, dim = build_backbone({"name": "vit_tiny", "patch_size": 4, "drop_path_rate": 0.1}, input_shape=(3,
+                                   8, 8))
     method = DINO(backbone, dim, DINOConfig(out_dim=K, hidden_dim=20, bottleneck_dim=8))
     student = [m.drop_prob for m in method.backbone.modules() if isinstance(m, DropPath)]
     teacher = [m.drop_prob for m in method.teacher_backbone.modules() if isinstance(m, DropPath)]
@@ -380,14 +381,14 @@ SAME = ["backbone.name=vit_tiny", "backbone.patch_size=4", "backbone.drop_path_r
 
 def _run(output: str) -> None:
     from contrastive import distributed
-    from contrastive.data import load_splits
+    from contrastive.modalities import load_splits
     from contrastive.training.trainer import Trainer
 
     cfg = _cfg(output, *SAME)
     distributed.init_from_env(torch.device("cpu"))
     data = load_splits(cfg.data).pretrain
     torch.manual_seed(0)
-    method = api.build_method(cfg, api.BuildContext.for_run(cfg, data, distributed.world_size()))
+    method = api.build_method(cfg, modality_of(data).context(cfg, data, distributed.world_size()))
     centres, after_step = [], method.after_step
 
     def recording(updates, step):

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from multiprocess import run_as_torchrun
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from contrastive import distributed
 from contrastive.losses import nt_xent
-from multiprocess import run_as_torchrun
 
 N, D, T = 8, 16, 0.5
 
@@ -133,10 +133,9 @@ DETERMINISTIC = ["views.crop_scale=[1.0,1.0]", "views.crop_ratio=[1.0,1.0]", "vi
 
 
 def _run_trainer(output: str) -> None:
-    from contrastive.methods import method_config
     from contrastive.configure import resolve_config
-    from contrastive.data import load_splits
-    from contrastive.methods import SimCLR
+    from contrastive.methods import SimCLR, method_config
+    from contrastive.modalities import load_splits
     from contrastive.training.trainer import Trainer
 
     cfg = resolve_config(tree={"data": {"name": "digits"}}, overrides=DETERMINISTIC + [f"train.output={output}"])

@@ -12,14 +12,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from contrastive.errors import DataError
-from contrastive.evaluation import (
-    extract_features,
-    knn_predict,
-    knn_top1,
-    linear_probe,
-    raw_pixel_features,
-    save_embeddings,
-)
+from contrastive.evaluation import extract_features, knn_predict, knn_top1, linear_probe, save_embeddings
+from contrastive.modalities.image import raw_pixel_features
 
 
 class TinyImages(Dataset):
@@ -284,11 +278,10 @@ def test_evaluate_encoder_scores_the_test_side_against_the_training_side():
     """evaluate_encoder's numbers equal kNN, linear probe and raw-pixel kNN recomputed from the features of
     the two sides extracted separately, so scoring the wrong pair of sides cannot pass."""
     from contrastive import api
-    from contrastive.config import Config
+    from contrastive.config import Config, DataConfig
     from contrastive.configure import apply_overrides
-    from contrastive.data import load_splits
-    from contrastive.data.preprocess import Preprocess
-    from contrastive.config import DataConfig
+    from contrastive.modalities import load_splits
+    from contrastive.modalities.image.preprocess import Preprocess
 
     splits = load_splits(DataConfig(name="digits", image_size=8))
     train, test = splits.eval_train, splits.eval_test

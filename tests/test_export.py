@@ -17,12 +17,12 @@ from contrastive import api
 from contrastive.config import Config, recipe_dir
 from contrastive.configure import resolve_config
 from contrastive.data.labels import choose
-from contrastive.data.preprocess import Preprocess
-from contrastive.stages.classifier import Classifier, backbone_source, save_classifier
 from contrastive.export import export
 from contrastive.methods.base import BuildContext
+from contrastive.modalities.image.preprocess import Preprocess
 from contrastive.nn.backbones import build_backbone
 from contrastive.nn.shuffle_bn import SplitBatchNorm
+from contrastive.stages.classifier import Classifier, backbone_source, save_classifier
 
 PRE = Preprocess(3, 16, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
 
@@ -42,7 +42,7 @@ print(json.dumps(sorted(m for m, mod in sys.modules.items() if m.startswith("con
 
 def _simclr(backbone: dict):
     cfg = Config(method={"name": "simclr", "projection_dim": 8}, backbone=backbone)
-    ctx = BuildContext(channels=3, image_size=PRE.size, dataset_size=32, num_classes=3, batch_size=8, world_size=1,
+    ctx = BuildContext(input_shape=(3, PRE.size, PRE.size), dataset_size=32, num_classes=3, batch_size=8, world_size=1,
                        steps_per_epoch=4, epochs=1, backbone_section=dict(backbone))
     torch.manual_seed(0)
     method = api.build_method(cfg, ctx)
@@ -67,7 +67,7 @@ def _run_outside(tmp_path, x, ts, onnx_file):
 def test_exported_encoder_and_classifier_match_pytorch_without_contrastive(tmp_path):
     method, cfg, ctx = _simclr({"name": "small_cnn", "widths": [8, 16]})
     api.save_encoder(method, cfg, ctx, PRE, tmp_path / "encoder.pt")
-    enc, dim = build_backbone({"name": "small_cnn", "widths": [4, 8]}, in_channels=3, image_size=PRE.size)
+    enc, dim = build_backbone({"name": "small_cnn", "widths": [4, 8]}, input_shape=(3, PRE.size, PRE.size))
     student = Classifier(enc, dim, 3)
     nn.init.normal_(student.fc.weight)
     save_classifier(student, tmp_path / "classifier.pt", source=backbone_source({"name": "small_cnn", "widths": [4, 8]},
@@ -109,7 +109,7 @@ def _moco_v2_encoder_pt(path):
     """moco-v2 as its digits recipe builds it (SplitBatchNorm in 8 groups), with running statistics that are not
     the initial 0 and 1, saved as encoder.pt; returns the encoder in eval mode."""
     cfg = resolve_config(recipe=recipe_dir() / "moco-v2-digits.yaml")
-    ctx = BuildContext(channels=1, image_size=16, dataset_size=64, num_classes=10, batch_size=16, world_size=1,
+    ctx = BuildContext(input_shape=(1, 16, 16), dataset_size=64, num_classes=10, batch_size=16, world_size=1,
                        steps_per_epoch=4, epochs=1, backbone_section=dict(cfg.backbone))
     torch.manual_seed(0)
     method = api.build_method(cfg, ctx)

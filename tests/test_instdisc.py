@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from contrastive import api, distributed
-from contrastive.methods import method_config
 from contrastive.configure import resolve_config
 from contrastive.errors import ConfigError
 from contrastive.losses import nce_loss, nce_normaliser, nonparametric_softmax
-from contrastive.methods.base import Batch, BuildContext, StepInfo
+from contrastive.methods import method_config
+from contrastive.methods.base import Batch, StepInfo
 from contrastive.methods.instdisc import InstDisc, InstDiscConfig
+from contrastive.modalities import modality_of
 from contrastive.training.checkpoint import load_checkpoint
 
 # ------------------------------------------------------------------------------------------------ the losses
@@ -235,15 +236,15 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
 
 
 def test_evaluation_leaves_the_bank_alone_and_the_checkpoint_loads_as_the_encoder(tmp_path):
-    from contrastive.data import load_splits
-    from contrastive.data.preprocess import Preprocess
+    from contrastive.modalities import load_splits
+    from contrastive.modalities.image.preprocess import Preprocess
     from contrastive.training.trainer import Trainer
 
     cfg = _cfg(tmp_path, "train.epochs=1", "train.max_steps=3", "eval.linear=false",
-               "eval.raw_pixel_baseline=false")
+               "eval.baseline=false")
     splits = load_splits(cfg.data)
     torch.manual_seed(cfg.seed)
-    method = api.build_method(cfg, BuildContext.for_run(cfg, splits.pretrain))
+    method = api.build_method(cfg, modality_of(splits.pretrain).context(cfg, splits.pretrain))
     Trainer(cfg, method, splits.pretrain, tmp_path).fit()
     state = {k: v.clone() for k, v in method.state_dict().items()}
     assert method.z.item() > 0 and not torch.equal(state["bank.rows"], _fresh_bank(cfg, splits.pretrain))
@@ -264,7 +265,7 @@ def test_evaluation_leaves_the_bank_alone_and_the_checkpoint_loads_as_the_encode
 
 def _fresh_bank(cfg, dataset):
     torch.manual_seed(cfg.seed)
-    return api.build_method(cfg, BuildContext.for_run(cfg, dataset)).bank.rows
+    return api.build_method(cfg, modality_of(dataset).context(cfg, dataset)).bank.rows
 
 
 # ------------------------------------------------------------------------------------------------ two processes
@@ -281,7 +282,7 @@ DETERMINISTIC = ["views.crop_scale=[1.0,1.0]", "views.crop_ratio=[1.0,1.0]", "vi
 
 def _run_trainer(output: str) -> dict:
     """Train, and return this process's method state (every rank's, not only the checkpoint's rank 0)."""
-    from contrastive.data import load_splits
+    from contrastive.modalities import load_splits
     from contrastive.training.trainer import Trainer
 
     cfg = resolve_config(tree={"data": {"name": "digits"}, "method": {"name": "instdisc"}},

@@ -15,8 +15,9 @@ from contrastive import api, distributed
 from contrastive.configure import resolve_config
 from contrastive.errors import ConfigError
 from contrastive.losses import invariance_spread
-from contrastive.methods.base import Batch, BuildContext, StepInfo
+from contrastive.methods.base import Batch, StepInfo
 from contrastive.methods.invaspread import InvaSpread, InvaSpreadConfig
+from contrastive.modalities import modality_of
 
 N, D, T = 6, 5, 0.1
 
@@ -125,7 +126,7 @@ def test_loss_is_float32_under_bf16_autocast():
 
 
 def test_a_checkpoint_loads_as_the_trained_encoder(tmp_path):
-    from contrastive.data import load_splits
+    from contrastive.modalities import load_splits
     from contrastive.training.trainer import Trainer
 
     cfg = resolve_config(tree={"data": {"name": "digits"}, "method": {"name": "invaspread"}},
@@ -133,7 +134,7 @@ def test_a_checkpoint_loads_as_the_trained_encoder(tmp_path):
                                     "train.max_steps=2", "train.progress=false", "train.tensorboard=false",
                                     f"train.output={tmp_path}"])
     data = load_splits(cfg.data).pretrain
-    method = api.build_method(cfg, BuildContext.for_run(cfg, data))
+    method = api.build_method(cfg, modality_of(data).context(cfg, data))
     Trainer(cfg, method, data, tmp_path).fit()
     encoder, info = api.load_encoder(tmp_path / "checkpoint.pt")
     assert info["feature_dim"] == method.feature_dim

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from multiprocess import run_as_torchrun
 from PIL import Image
 from torch import nn
 
@@ -23,7 +24,6 @@ from contrastive.methods.supcon import SupCon, SupConConfig
 from contrastive.methods.triplet import Triplet, TripletConfig
 from contrastive.training.checkpoint import load_checkpoint
 from contrastive.training.trainer import epoch_batches
-from multiprocess import run_as_torchrun
 
 
 def _gen(seed=0):
@@ -164,7 +164,7 @@ def test_siamese_is_the_margin_loss_on_every_ordered_pair_of_views():
 @pytest.mark.parametrize("name", ["siamese", "triplet", "supcon"])
 def test_unlabeled_data_and_bad_fields_are_refused_by_name(name):
     cfg = resolve_config(tree={"method": {"name": name}, "data": {"name": "digits"}})
-    ctx = BuildContext(channels=1, image_size=8, dataset_size=40, num_classes=None, batch_size=8, world_size=1,
+    ctx = BuildContext(input_shape=(1, 8, 8), dataset_size=40, num_classes=None, batch_size=8, world_size=1,
                        steps_per_epoch=5, epochs=1)
     with pytest.raises(ConfigError, match=f"method.name={name} learns from labels.*class sub-folders"):
         api.build_method(cfg, ctx)

@@ -5,19 +5,20 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from multiprocess import run_as_torchrun
 from torch import nn
 
 from contrastive import api, distributed
-from contrastive.methods import method_config
 from contrastive.configure import resolve_config
 from contrastive.errors import ConfigError
 from contrastive.losses import info_nce_queue
-from contrastive.runs import rebuild_method
+from contrastive.methods import method_config
 from contrastive.methods.base import Batch, BuildContext, StepInfo
 from contrastive.methods.moco import MoCo, MoCoV2Config
+from contrastive.modalities import modality_of
 from contrastive.nn.shuffle_bn import shuffled_forward
+from contrastive.runs import rebuild_method
 from contrastive.training.checkpoint import load_checkpoint
-from multiprocess import run_as_torchrun
 
 
 def test_info_nce_queue_equals_a_naive_loop():
@@ -143,7 +144,7 @@ def test_evaluation_leaves_queue_and_encoders_untouched(tmp_path):
     api.pretrain(cfg)
     encoder, info = api.load_encoder(tmp_path / "checkpoint.pt")
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
-    from contrastive.data import load_splits
+    from contrastive.modalities import load_splits
 
     splits = load_splits(cfg.data)
     # the loaded encoder is the query backbone of the checkpoint
@@ -166,14 +167,14 @@ SAME_VIEWS = ["views.crop_scale=[1.0,1.0]", "views.crop_ratio=[1.0,1.0]", "views
 
 
 def _run(output: str) -> None:
-    from contrastive.data import load_splits
+    from contrastive.modalities import load_splits
     from contrastive.training.trainer import Trainer
 
     cfg = _cfg(output, *SAME_VIEWS)
     distributed.init_from_env(torch.device("cpu"))  # before the build: the method's BN groups depend on the world
     data = load_splits(cfg.data).pretrain
     torch.manual_seed(0)
-    method = api.build_method(cfg, BuildContext.for_run(cfg, data, distributed.world_size()))
+    method = api.build_method(cfg, modality_of(data).context(cfg, data, distributed.world_size()))
     trainer = Trainer(cfg, method, data, output)
     trainer.fit()
     if distributed.is_main():

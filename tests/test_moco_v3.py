@@ -116,7 +116,7 @@ def test_heads_as_builder_py_for_a_convnet_and_a_vit():
 
     # a ViT backbone: 3-layer projector, a predictor that ends in BN, temperature 0.2
     pytest.importorskip("timm")
-    ctx = BuildContext(channels=3, image_size=32, dataset_size=64, num_classes=None, batch_size=8, world_size=1,
+    ctx = BuildContext(input_shape=(3, 32, 32), dataset_size=64, num_classes=None, batch_size=8, world_size=1,
                        steps_per_epoch=8, epochs=1, backbone_section={"name": "vit_tiny", "patch_size": 4})
     from contrastive.methods.moco_v3 import _build
 

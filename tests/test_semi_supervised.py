@@ -6,26 +6,33 @@ import math
 import pytest
 import torch
 from torch import nn
-
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from contrastive import api
 from contrastive.config import Config, OptimConfig, recipe_dir
 from contrastive.configure import resolve_config
 from contrastive.data.labels import choose, labels_sha256, parse_spec, read_labels, resolve, write_labels
-from contrastive.data.preprocess import Preprocess
 from contrastive.errors import ConfigError, DataError, NonFiniteLossError
-from contrastive.stages.classifier import (Classifier, encoder_from, head_layers, load_classifier,
-                                               plain_batchnorm, pretrained_source, save_classifier, stage_config,
-                                               stage_recipe)
+from contrastive.losses import distillation_loss
+from contrastive.methods.base import STREAM_LOADER, BuildContext, step_seed
+from contrastive.modalities.image.preprocess import Preprocess
+from contrastive.nn.backbones import build_backbone
+from contrastive.optim.schedules import lr_at
+from contrastive.registry import lookup, names
+from contrastive.stages.classifier import (
+    Classifier,
+    encoder_from,
+    head_layers,
+    load_classifier,
+    plain_batchnorm,
+    pretrained_source,
+    save_classifier,
+    stage_config,
+    stage_recipe,
+)
 from contrastive.stages.distill import DistillConfig, labelled_batch, labelled_share
 from contrastive.stages.finetune import FinetuneConfig
 from contrastive.stages.supervised import DeviceRows, crop_flip_views, epoch_batches, train_loop
-from contrastive.losses import distillation_loss
-from contrastive.methods.base import STREAM_LOADER, BuildContext, step_seed
-from contrastive.nn.backbones import build_backbone
-from contrastive.registry import lookup, names
-from contrastive.optim.schedules import lr_at
 
 
 def _labels(counts):
@@ -81,7 +88,7 @@ def test_labels_file_round_trip_and_refusal_for_other_data(tmp_path):
 
 def _method(name, **fields):
     cfg = Config(method={"name": name, **fields}, backbone={"name": "small_cnn", "widths": [8, 16]})
-    ctx = BuildContext(channels=3, image_size=16, dataset_size=64, num_classes=4, batch_size=16, world_size=1,
+    ctx = BuildContext(input_shape=(3, 16, 16), dataset_size=64, num_classes=4, batch_size=16, world_size=1,
                        steps_per_epoch=4, epochs=1, backbone_section=dict(cfg.backbone))
     spec = lookup("methods", name)
     from contrastive.methods import method_config
@@ -151,7 +158,7 @@ def _from_recipe(name: str):
                   if p.is_file())
     cfg = resolve_config(recipe=recipe)
     channels = 1 if recipe.stem.endswith("digits") else 3
-    ctx = BuildContext(channels=channels, image_size=16, dataset_size=64, num_classes=10, batch_size=8,
+    ctx = BuildContext(input_shape=(channels, 16, 16), dataset_size=64, num_classes=10, batch_size=8,
                        world_size=1, steps_per_epoch=4, epochs=2, backbone_section=cfg.backbone,
                        mean=(0.5,) * channels, std=(0.25,) * channels)
     torch.manual_seed(0)
@@ -272,7 +279,7 @@ def test_epoch_batches_cover_every_image_once_in_nearly_equal_batches():
 
 def _tiny_run(seed):
     torch.manual_seed(0)
-    enc, dim = build_backbone({"name": "small_cnn", "widths": [4, 8]}, in_channels=3, image_size=16)
+    enc, dim = build_backbone({"name": "small_cnn", "widths": [4, 8]}, input_shape=(3, 16, 16))
     model = Classifier(enc, dim, 3)
     images = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
     targets = torch.arange(24) % 3
@@ -295,7 +302,7 @@ def test_training_loop_repeats_under_a_seed():
 def test_a_non_finite_loss_stops_the_loop_naming_its_step(tmp_path, metrics):
     """Noted on the device at step 4 (epoch 1 of 3-step epochs), read at the next metrics row or at the end."""
     torch.manual_seed(0)
-    enc, dim = build_backbone({"name": "small_cnn", "widths": [4, 8]}, in_channels=3, image_size=16)
+    enc, dim = build_backbone({"name": "small_cnn", "widths": [4, 8]}, input_shape=(3, 16, 16))
     model = Classifier(enc, dim, 3)
     images = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
     targets = torch.arange(24) % 3
@@ -364,9 +371,9 @@ def test_every_stage_recipe_validates(dataset):
 
 
 def test_small_cnn_widths_default_unchanged_and_narrower_student():
-    net, dim = build_backbone({"name": "small_cnn"}, in_channels=3, image_size=32)
+    net, dim = build_backbone({"name": "small_cnn"}, input_shape=(3, 32, 32))
     assert dim == 256 and [m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)] == [32, 64, 128, 256]
-    small, sdim = build_backbone({"name": "small_cnn", "widths": [16, 32, 64, 128]}, in_channels=3, image_size=32)
+    small, sdim = build_backbone({"name": "small_cnn", "widths": [16, 32, 64, 128]}, input_shape=(3, 32, 32))
     assert sdim == 128 and small(torch.randn(2, 3, 32, 32)).shape == (2, 128)
     with pytest.raises(ConfigError, match="backbone.widths"):
-        build_backbone({"name": "small_cnn", "widths": [16, 0]}, in_channels=3, image_size=32)
+        build_backbone({"name": "small_cnn", "widths": [16, 0]}, input_shape=(3, 32, 32))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from contrastive.errors import ConfigError, DataError
-from contrastive.evaluation.senteval import BagOfWords, bow_encoder, probe_task, senteval, senteval_folds
+from contrastive.modalities.text.senteval import BagOfWords, bow_encoder, probe_task, senteval, senteval_folds
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text-sts-senteval.tar.gz"
 FAST = {"linear_epochs": 10, "knn_k": 10}

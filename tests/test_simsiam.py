@@ -13,6 +13,7 @@ from contrastive.errors import ConfigError
 from contrastive.losses import negative_cosine
 from contrastive.methods.base import Batch, StepInfo
 from contrastive.methods.simsiam import SimSiam, SimSiamConfig
+from contrastive.modalities import modality_of
 
 N, C, S = 8, 3, 4  # images, channels, side of the toy views
 STEP = StepInfo(step=0, epoch=0, total_steps=10)
@@ -149,8 +150,7 @@ def test_three_views_are_refused():
 @pytest.mark.slow
 def test_the_predictor_lr_stays_fixed_while_the_rest_follows_the_schedule(tmp_path):
     from contrastive import api
-    from contrastive.data import load_splits
-    from contrastive.methods.base import BuildContext
+    from contrastive.modalities import load_splits
     from contrastive.optim.schedules import lr_at
     from contrastive.training.trainer import Trainer
 
@@ -161,7 +161,7 @@ def test_the_predictor_lr_stays_fixed_while_the_rest_follows_the_schedule(tmp_pa
         f"train.output={tmp_path}"])
     data = load_splits(cfg.data).pretrain
     torch.manual_seed(0)
-    method = api.build_method(cfg, BuildContext.for_run(cfg, data))
+    method = api.build_method(cfg, modality_of(data).context(cfg, data))
     trainer = Trainer(cfg, method, data, tmp_path)
     seen = []  # (step, {group name: [lr of its sub-groups]}) as the optimiser used them
     after_step = method.after_step

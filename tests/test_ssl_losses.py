@@ -7,11 +7,10 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from multiprocess import run_as_torchrun
 
 from contrastive import distributed
 from contrastive.losses import byol_loss, center_update, dino_loss, negative_cosine, sinkhorn, swav_loss
-from multiprocess import run_as_torchrun
 
 
 def _gen(seed=0):

@@ -6,20 +6,20 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from multiprocess import run_as_torchrun
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from contrastive import api, distributed
 from contrastive.config import OptimConfig, ViewConfig
 from contrastive.configure import resolve_config
-from contrastive.data.views import TensorViews, view_groups
 from contrastive.errors import ConfigError
 from contrastive.losses import sinkhorn, swav_loss
 from contrastive.methods.base import Batch, StepInfo
 from contrastive.methods.swav import SwAV, SwAVConfig, paper_views
-from contrastive.training.checkpoint import load_checkpoint
+from contrastive.modalities.image.views import TensorViews, view_groups
 from contrastive.optim.optimizers import build_optimizer
-from multiprocess import run_as_torchrun
+from contrastive.training.checkpoint import load_checkpoint
 
 
 def _swav(seed=0, batch_size=8, world_size=1, **kw):
@@ -185,7 +185,7 @@ def test_bad_settings_name_the_field():
 
 
 def test_paper_views_are_2x224_and_6x96_multi_crop():
-    from contrastive.data.views import GROUP_FIELDS
+    from contrastive.modalities.image.views import GROUP_FIELDS
 
     assert all(set(g) == {"count", "global", *GROUP_FIELDS} for g in paper_views(224))
     groups = view_groups(ViewConfig(), 224, paper_views)

@@ -7,9 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from contrastive.data.text import (Pair, TextCollate, Triple, read_labelled, read_pairs, read_senteval,
-                                   read_sentences, read_sick, read_stsb, sick_triples)
 from contrastive.errors import DataError
+from contrastive.modalities.text.readers import (
+    Pair,
+    TextCollate,
+    Triple,
+    read_labelled,
+    read_pairs,
+    read_sentences,
+    read_senteval,
+    read_sick,
+    read_stsb,
+    sick_triples,
+)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text-sts-senteval.tar.gz"
 SICK_HEADER = "pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\n"

@@ -9,13 +9,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from contrastive.data.text import Pair, read_stsb
 from contrastive.errors import ConfigError, DataError
-from contrastive.evaluation.retrieval import (class_embeddings, class_prompts, retrieval_recall, zero_shot_predict,
-                                              zero_shot_top1)
-from contrastive.evaluation.sts import average_ranks, encode_sentences, evaluate_sts, spearman, sts_spearman
-from contrastive.nn.text import (PretrainedTextConfig, PretrainedTextEncoder, TextTransformer,
-                                 TextTransformerConfig, pool)
+from contrastive.modalities.image_text.retrieval import (
+    class_embeddings,
+    class_prompts,
+    retrieval_recall,
+    zero_shot_predict,
+    zero_shot_top1,
+)
+from contrastive.modalities.text.readers import Pair, read_stsb
+from contrastive.modalities.text.sts import average_ranks, encode_sentences, evaluate_sts, spearman, sts_spearman
+from contrastive.nn.text import (
+    PretrainedTextConfig,
+    PretrainedTextEncoder,
+    TextTransformer,
+    TextTransformerConfig,
+    pool,
+)
 
 scipy_stats = pytest.importorskip("scipy.stats")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text-sts-senteval.tar.gz"

@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from multiprocess import run_as_torchrun
 
 from contrastive import distributed
 from contrastive.losses import clip_loss, info_nce_batch, simcse_sup, simcse_unsup
-from multiprocess import run_as_torchrun
 
 
 def _gen(seed):

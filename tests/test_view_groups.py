@@ -11,9 +11,11 @@ import torch
 from contrastive import api
 from contrastive.config import ViewConfig
 from contrastive.configure import resolve_config
-from contrastive.data.views import PILViews, TensorViews, run_view_size, view_groups, view_shapes
 from contrastive.errors import ConfigError
 from contrastive.methods.base import Batch, Method, MethodSpec, StepOutput
+from contrastive.modalities import modality_of
+from contrastive.modalities.image import IMAGE
+from contrastive.modalities.image.views import PILViews, TensorViews, view_groups, view_shapes
 from contrastive.registry import register
 from contrastive.training.checkpoint import load_checkpoint
 
@@ -132,14 +134,13 @@ FAST = ["data.image_size=16", "train.batch_size=256", "train.epochs=1", "train.p
 
 
 def _trainer(tmp_path, *extra):
-    from contrastive.data import load_splits
-    from contrastive.methods.base import BuildContext
+    from contrastive.modalities import load_splits
     from contrastive.training.trainer import Trainer
 
     cfg = resolve_config(tree={"data": {"name": "digits"}, "method": {"name": "group-probe"}},
                          overrides=FAST + [f"train.output={tmp_path}", *extra])
     data = load_splits(cfg.data).pretrain
-    return Trainer(cfg, api.build_method(cfg, BuildContext.for_run(cfg, data)), data, tmp_path), cfg, data
+    return Trainer(cfg, api.build_method(cfg, modality_of(data).context(cfg, data)), data, tmp_path), cfg, data
 
 
 def test_the_method_groups_apply_when_the_config_names_none_and_the_batch_says_which_are_global(tmp_path):
@@ -153,7 +154,7 @@ def test_the_method_groups_apply_when_the_config_names_none_and_the_batch_says_w
     assert trainer.method.seen[0] == ([12, 12, 12, 6], 3, 3)
     # evaluation preprocesses to the global size, as the checkpoint records
     assert load_checkpoint(tmp_path / "own" / "checkpoint.pt")["preprocess"]["size"] == 12
-    assert run_view_size(cfg, data.image_size) == 12 and trainer.context.image_size == 12
+    assert IMAGE.view_size(cfg, data.image_size) == 12 and trainer.context.image_size == 12
 
 
 def test_the_memory_check_measures_every_view_of_every_group(tmp_path, monkeypatch):
@@ -162,14 +163,15 @@ def test_the_memory_check_measures_every_view_of_every_group(tmp_path, monkeypat
     trainer, _, _ = _trainer(tmp_path)
     seen = {}
 
-    def record(method, **kw):
-        seen.update(kw)
+    def record(method, trial, **kw):
+        seen["trial"] = trial
         raise RuntimeError("stop")
 
     monkeypatch.setattr(trainer_module, "measure_step", record)
     with pytest.raises(RuntimeError, match="stop"):
         trainer.check_memory()
-    assert seen["sizes"] == [16, 16, 8, 8, 8] and seen["n_global"] == 2
+    views = seen["trial"].make(2, torch.Generator().manual_seed(0))
+    assert [v.shape[-1] for v in views] == [16, 16, 8, 8, 8] and seen["trial"].n_global == 2
 
 
 def test_a_views_field_the_method_groups_set_per_group_is_refused_when_changed():

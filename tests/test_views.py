@@ -11,15 +11,9 @@ import torchvision.transforms.functional as TF
 
 from contrastive.config import ViewConfig
 from contrastive.data import augment
-from contrastive.data.views import (
-    PILViews,
-    TensorViews,
-    ViewDataset,
-    blur_kernel_size,
-    eval_preprocess,
-    make_views,
-)
+from contrastive.data.datasets import PerItemViews
 from contrastive.errors import ConfigError
+from contrastive.modalities.image.views import PILViews, TensorViews, blur_kernel_size, eval_preprocess, make_views
 
 MEAN3, STD3 = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
 MEAN1, STD1 = [0.13], [0.31]
@@ -203,7 +197,7 @@ def test_pil_views_shapes_and_dataset(channels, mean, std):
     pil = make_views(ViewConfig(backend="pil", n_views=3, size=24, **FULL), mean, std, channels, in_size=16)
     assert isinstance(pil, PILViews)
     base = [(img, i % 2, i) for i, img in enumerate(_images(2, channels))]
-    views, label, index = ViewDataset(base, pil)[1]
+    views, label, index = PerItemViews(base, pil)[1]
     assert (label, index) == (1, 1) and len(views) == 3
     for v in views:
         assert v.shape == (channels, 24, 24) and v.dtype == torch.float32

@@ -17,14 +17,14 @@ timm = pytest.importorskip("timm")
 
 def _vit(name="vit_tiny", size=16, channels=3, **fields):
     torch.manual_seed(0)
-    return build_backbone({"name": name, "patch_size": 4, **fields}, in_channels=channels, image_size=size)
+    return build_backbone({"name": name, "patch_size": 4, **fields}, input_shape=(channels, size, size))
 
 
 @pytest.mark.parametrize("name,dim,heads", [("vit_tiny", 192, 3), ("vit_small", 384, 6), ("vit_base", 768, 12)])
 def test_sizes_at_32px_with_patch_4(name, dim, heads):
     # structure and shapes on the meta device (no weights allocated): width, depth, heads, 8x8 patch grid
     with torch.device("meta"):
-        net, feature_dim = build_backbone({"name": name, "patch_size": 4}, in_channels=3, image_size=32)
+        net, feature_dim = build_backbone({"name": name, "patch_size": 4}, input_shape=(3, 32, 32))
         out = net(torch.empty(2, 3, 32, 32))
     assert feature_dim == dim and out.shape == (2, dim)
     assert len(net.blocks) == 12 and net.blocks[0].attn.num_heads == heads
@@ -45,13 +45,13 @@ def test_tiny_forward_is_the_class_token_after_the_final_norm():
 
 def test_vit_small_16_parameter_count_is_timms_and_the_known_figure():
     with torch.device("meta"):
-        ours, _ = build_backbone({"name": "vit_small"}, in_channels=3, image_size=224)
+        ours, _ = build_backbone({"name": "vit_small"}, input_shape=(3, 224, 224))
         reference = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
     count = sum(p.numel() for p in ours.parameters())
     assert count == sum(p.numel() for p in reference.parameters()) == 21_665_664  # DeiT-S: 22M with its head
     # 12 heads (MoCo v3's ViT-S) changes no parameter count, only how Q, K, V are split
     with torch.device("meta"):
-        moco, _ = build_backbone({"name": "vit_small", "num_heads": 12}, in_channels=3, image_size=224)
+        moco, _ = build_backbone({"name": "vit_small", "num_heads": 12}, input_shape=(3, 224, 224))
     assert sum(p.numel() for p in moco.parameters()) == count and moco.blocks[0].attn.num_heads == 12
 
 
@@ -155,7 +155,7 @@ def test_without_timm_a_vit_names_the_extra_and_convnets_still_build(monkeypatch
         monkeypatch.setitem(sys.modules, name, None)  # importing it now raises ImportError
     with pytest.raises(ConfigError, match=r"pip install 'contrastive\[vit\]'"):
         _vit()
-    net, dim = build_backbone({"name": "small_cnn"}, in_channels=3, image_size=32)
+    net, dim = build_backbone({"name": "small_cnn"}, input_shape=(3, 32, 32))
     assert dim == 256
 
 

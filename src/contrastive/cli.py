@@ -20,9 +20,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from contrastive import api, distributed
 from contrastive.config import Config, DataConfig, build_dataclass, to_dict
 from contrastive.configure import resolve_config
-from contrastive.methods import method_config
-from contrastive.nn.backbones import backbone_config
 from contrastive.errors import ConfigError, ContrastiveError
+from contrastive.methods import method_config
+from contrastive.modalities import modality_named
+from contrastive.nn.backbones import backbone_config
 from contrastive.registry import names
 from contrastive.training.checkpoint import load_checkpoint
 
@@ -286,19 +287,7 @@ def _report_runs(a: argparse.Namespace) -> int:
 
 
 def _report(res: dict, folder: Path) -> None:
-    lines = []
-    for key, label in (("knn_top1", "kNN top-1"), ("linear_top1", "linear top-1"),
-                       ("raw_pixel_knn_top1", "raw-pixel kNN top-1 (baseline)"),
-                       ("mfcc_knn_top1", "MFCC kNN top-1 (baseline)"),
-                       ("stsb_dev_spearman", "STS-B dev Spearman"), ("sick_test_spearman", "SICK test Spearman"),
-                       ("senteval_linear_mean", "SentEval linear, mean"),
-                       ("bow_senteval_linear_mean", "bag-of-words SentEval (baseline)"),
-                       ("zero_shot_top1", "zero-shot top-1"), ("zero_shot_chance", "zero-shot chance")):
-        if key in res:
-            lines.append(f"  {label:<32} {res[key]:.4f}")
-    for key, value in res.get("retrieval", {}).items():
-        chance = res.get("retrieval_chance", {}).get(key)
-        lines.append(f"  {'recall ' + key:<32} {value:.4f}" + (f" (chance {chance:.4f})" if chance is not None else ""))
+    lines = [f"  {label:<32} {value}" for label, value in modality_named(res["modality"]).summary(res)]
     if "evaluation" in res:
         ev = res["evaluation"]
         where = f" on {ev['test_images']} images" if "test_images" in ev else ""
@@ -323,7 +312,10 @@ def _print_config(cfg: Config) -> None:
                 print(f"{key} = {to_dict(value)!r}\n    {f.metadata.get('help', '')}")
 
     walk(cfg, "")
-    for section, typed in (("method", method_config(cfg)), ("backbone", backbone_config(cfg.backbone)[1])):
+    sections = [("method", method_config(cfg)), ("backbone", backbone_config(cfg.backbone)[1])]
+    sections += [(f"modalities.{name}", modality_named(name).settings(cfg)) for name in names("modalities")
+                 if modality_named(name).config_class is not None]
+    for section, typed in sections:
         hints = typing.get_type_hints(type(typed))
         for f in dataclasses.fields(typed):
             print(f"{section}.{f.name} = {getattr(typed, f.name)!r}  ({hints[f.name]})\n"

@@ -82,11 +82,6 @@ class ViewConfig:
                           "(0.1, 2.0) in SimCLR Appendix A.")
     blur_kernel_frac: float = _f(0.1, "Blur kernel side as a fraction of the image side (10%, SimCLR A).")
     solarize_p: float = _f(0.0, "Solarize probability (BYOL uses it; SimCLR does not).")
-    window: int = _f(20480, "Audio: samples in each random window cut from a clip; CPC trains 'on sampled audio "
-                     "windows of length 20480' (1.28 s at 16 kHz, van den Oord et al. 2018, Sec. 3.1). A shorter clip "
-                     "fills the start of its window and the rest is padding, which the encoder skips.")
-    gain_db: list = _f([0.0, 0.0], "Audio: each window scaled by a random gain drawn uniformly from [low, high] dB; "
-                       "[0, 0]: none, as CPC (its windows are the raw waveform).")
     groups: list | None = _f(None, "View groups, for views that differ (BYOL's asymmetric pair, SwAV's and DINO's "
                              "multi-crop): a list of mappings, each with `count` (views of the group), `global` "
                              "(a global view: DINO's teacher and SwAV's codes see only these; default: true for the "
@@ -177,31 +172,10 @@ class EvalConfig:
     linear_lr: float = _f(0.01, "AdamW learning rate of the linear probe over standardised features.")
     linear_weight_decay: float = _f(1e-4, "Weight decay of the linear probe.")
     linear_batch_size: int = _f(512, "Mini-batch size of the linear probe.")
-    raw_pixel_baseline: bool = _f(True, "Also run the kNN on raw pixels, the baseline features must beat (audio: "
-                                  "the kNN and the linear probe on MFCC statistics).")
-    raw_pixel_size: int | None = _f(32, "Side the raw-pixel baseline resizes images to when the encoder's input "
-                                    "is larger: 32 px leaves CIFAR-sized data as it is and bounds the "
-                                    "baseline's memory (50,000 images at 224 px would be 30 GB of floats); "
-                                    "null: the encoder's input side.")
+    baseline: bool = _f(True, "Also evaluate the baseline of the data's kind that learned features must beat "
+                        "(images: the kNN on raw pixels; audio: the kNN and linear probe on MFCC statistics; "
+                        "sentences: the SentEval probes on bag-of-words vectors).")
     batch_size: int = _f(512, "Batch size of feature extraction.")
-    sts: list = _f(["stsb-dev", "sick-test"], "Text: the STS sets whose Spearman correlation (cosine similarity "
-                   "against the human scores, all pairs at once, as SimCSE's evaluation) is measured: any of stsb-dev, "
-                   "stsb-train, sick-train, sick-trial, sick-test, read from data.data_dir (the shared "
-                   "text-sts-senteval set); [] for none.")
-    senteval: list = _f(["mr", "cr", "subj", "mpqa", "trec", "sst2"], "Text: SentEval classification sets probed "
-                        "with the frozen sentence embeddings (the kNN and the linear probe above; MR, CR, SUBJ and "
-                        "MPQA by stratified cross-validation, TREC and SST on their test split), beside a bag-of-words "
-                        "baseline under the same probe when raw_pixel_baseline is on; SimCSE's transfer tasks less "
-                        "MRPC. Any of mr, cr, subj, mpqa, trec, sst2, sst5; [] for none.")
-    senteval_folds: int = _f(10, "Text: cross-validation folds of the SentEval sets without a test split (SentEval's "
-                             "10).")
-    zero_shot: str | None = _f(None, "Image-caption runs (clip): an image dataset or labelled folder whose test side "
-                               "is classified zero-shot, each image to the class whose prompts' text embedding is "
-                               "nearest (CLIP, Sec. 3.1.4); its data.* settings are the run's. None: no zero-shot.")
-    prompts: list = _f(["a photo of a {}."], "Image-caption runs: the prompt templates of zero-shot classification, "
-                       "{} the class name; several are averaged in embedding space (CLIP's prompt ensemble).")
-    n_mfcc: int = _f(20, "Audio: MFCCs per frame of the baseline (their mean and std over the clip through the same "
-                     "kNN and linear probe); 13-20 is the usual range for speech, 20 is librosa's default.")
 
 
 @dataclass
@@ -215,6 +189,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    modalities: dict = _f({}, "Settings of one kind of data, a section per modality (image, audio, text, "
+                          "image-text) checked against that modality's own fields (see its docs or --print-config); "
+                          "only the section of the data's own kind may be set.")
     auto: dict = _f({}, "Settings derived from the data and the device when the method has no recipe for the "
                     "data (see contrastive/autoconfig.py), each with its reason; a record: the values are in "
                     "their sections.")
@@ -285,8 +262,10 @@ def build_dataclass(cls: type, values: dict, where: str) -> Any:
     unknown = sorted(set(values) - set(known))
     if unknown:
         prefix = f"{where}." if where else ""
+        moved = _MOVED.get((where, unknown[0])) or _RENAMED.get((where, unknown[0]))
+        hint = f" (now {moved[0]}.{moved[1]})" if moved else ""
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s}; valid keys{' of ' + where if where else ''}: "
+            f"unknown config key {prefix}{unknown[0]!s}{hint}; valid keys{' of ' + where if where else ''}: "
             f"{', '.join(sorted(known))}"
         )
     kwargs = {}
@@ -300,6 +279,46 @@ def build_dataclass(cls: type, values: dict, where: str) -> Any:
         else:
             kwargs[name] = _coerce(value, tp, key)
     return cls(**kwargs)
+
+
+# Fields that moved into the section of the one kind of data that uses them (``modalities.<name>``), with the
+# default they had there, and fields renamed. A config a run wrote before (its checkpoint's, its config.yaml) is
+# read with its values moved: the defaults dropped, the others into the new section.
+_MOVED = {
+    ("views", "window"): ("modalities.audio", "window", 20480),
+    ("views", "gain_db"): ("modalities.audio", "gain_db", [0.0, 0.0]),
+    ("eval", "n_mfcc"): ("modalities.audio", "n_mfcc", 20),
+    ("eval", "raw_pixel_size"): ("modalities.image", "raw_pixel_size", 32),
+    ("eval", "sts"): ("modalities.text", "sts", ["stsb-dev", "sick-test"]),
+    ("eval", "senteval"): ("modalities.text", "senteval", ["mr", "cr", "subj", "mpqa", "trec", "sst2"]),
+    ("eval", "senteval_folds"): ("modalities.text", "senteval_folds", 10),
+    ("eval", "zero_shot"): ("modalities.image-text", "zero_shot", None),
+    ("eval", "prompts"): ("modalities.image-text", "prompts", ["a photo of a {}."]),
+}
+_RENAMED = {("eval", "raw_pixel_baseline"): ("eval", "baseline")}
+
+
+def upgrade_tree(tree: dict) -> dict:
+    """A config tree a run wrote (a checkpoint's config, a config.yaml) with the fields that have moved since
+    (``_MOVED``, ``_RENAMED``) in their new places; a tree without them is returned as it is."""
+    out = copy.deepcopy(tree)
+    for (section, name), (new, field_name, default) in _MOVED.items():
+        old = out.get(section)
+        if isinstance(old, dict) and name in old:
+            value = old.pop(name)
+            if value != default:
+                kind = new.split(".")[1]
+                out.setdefault("modalities", {}).setdefault(kind, {})[field_name] = value
+    for (section, name), (_, new_name) in _RENAMED.items():
+        old = out.get(section)
+        if isinstance(old, dict) and name in old:
+            old.setdefault(new_name, old.pop(name))
+    return out
+
+
+def config_from_tree(tree: dict) -> "Config":
+    """The Config a tree a run wrote holds (see ``upgrade_tree``)."""
+    return build_dataclass(Config, upgrade_tree(tree), "")
 
 
 def to_dict(obj: Any) -> Any:
@@ -390,8 +409,7 @@ _RANGES = [
     ("data.num_workers", 0, True), ("data.image_size", 1, True), ("data.holdout", 0, False),
     ("eval.knn_k", 1, True), ("eval.knn_temperature", 0, False), ("eval.linear_epochs", 1, True),
     ("eval.linear_lr", 0, False), ("eval.linear_batch_size", 1, True), ("eval.batch_size", 1, True),
-    ("eval.n_mfcc", 1, True),
-    ("train.dist_timeout_s", 0, False), ("eval.raw_pixel_size", 1, True),
+    ("train.dist_timeout_s", 0, False),
 ]
 
 

@@ -11,9 +11,24 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from contrastive.config import Config, build_dataclass, check_fields, deep_merge, find_recipe, parse_override, read_yaml, set_path, to_dict
+from contrastive.autoconfig import derive
+from contrastive.config import (
+    Config,
+    build_dataclass,
+    check_fields,
+    deep_merge,
+    find_recipe,
+    parse_override,
+    read_yaml,
+    set_path,
+    to_dict,
+    upgrade_tree,
+)
+from contrastive.errors import ConfigError
 from contrastive.methods import method_config
+from contrastive.modalities import modality_named
 from contrastive.nn.backbones import backbone_config
+from contrastive.registry import names
 
 
 def resolve_config(
@@ -30,10 +45,10 @@ def resolve_config(
     layer: dict = deep_merge({}, copy.deepcopy(tree or {}))  # the overrides below never write into the caller's
     for path, value in parsed:
         set_path(layer, path, value)
-    if isinstance(recipe, dict):
-        merged = dict(recipe)
-    elif recipe is not None:
-        merged = read_yaml(recipe)
+    if isinstance(recipe, dict):  # a checkpoint's config
+        merged = upgrade_tree(recipe)
+    elif recipe is not None:  # a recipe, or a run's config.yaml
+        merged = upgrade_tree(read_yaml(recipe))
     else:
         method = (layer.get("method") or {}).get("name", "simclr")
         dataset = str((layer.get("data") or {}).get("name", "digits"))
@@ -41,8 +56,6 @@ def resolve_config(
         if found is not None:
             merged = read_yaml(found)
         else:
-            from contrastive.autoconfig import derive
-
             merged, reasons = derive(method, layer)
             merged["auto"] = reasons
     merged = deep_merge(merged, layer)
@@ -67,3 +80,9 @@ def validate(cfg: Config) -> None:
     check_fields(cfg)
     method_config(cfg)
     backbone_config(cfg.backbone)
+    for name, section in cfg.modalities.items():
+        if name not in names("modalities"):
+            raise ConfigError(f"modalities.{name}: no such kind of data; known: {', '.join(names('modalities'))}")
+        if not isinstance(section, dict):
+            raise ConfigError(f"modalities.{name}: expected a section (mapping), got {section!r}")
+        modality_named(name).settings(cfg)

@@ -19,7 +19,6 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-
 # The tensors handed to this module's last few collectives, kept referenced from Python. Gloo's worker
 # threads release a finished operation's tensors on their own; a tensor whose Python object is gone by
 # then needs the GIL to be freed, and if that happens while the interpreter is exiting, the process

@@ -20,34 +20,23 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from contrastive.data.preprocess import Preprocess
 from contrastive.errors import ConfigError
-from contrastive.stages.classifier import is_classifier_file, load_classifier, plain_batchnorm
+from contrastive.modalities import modality_named
 from contrastive.runs import load_run
+from contrastive.stages.classifier import is_classifier_file, load_classifier, plain_batchnorm
 from contrastive.training.checkpoint import read_file
 
 FORMATS = ("torchscript", "onnx")
 INPUT_NAME = "images"
 
 
-def load_exportable(path: str | Path) -> tuple[nn.Module, Preprocess, str, dict]:
+def load_exportable(path: str | Path) -> tuple[nn.Module, Any, str, dict]:
     """(model in eval mode, its preprocessing, output name "features" or "logits", description)."""
     if is_classifier_file(read_file(path)):
         model, info = load_classifier(path)
         return model, info["preprocess"], "logits", {"classes": info["classes"]}
     run = load_run(path)
     return run.encoder, run.preprocess, "features", {"feature_dim": run.feature_dim}
-
-
-def preprocess_spec(pre: Preprocess, output: str, extra: dict) -> dict:
-    """The JSON written beside an exported file: how to turn images into its input, and what comes out."""
-    return {
-        "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "channels": pre.channels,
-                  "size": pre.size, "mean": list(pre.mean), "std": list(pre.std),
-                  "steps": ["uint8 pixels / 255", f"resize to {pre.size}x{pre.size} (bilinear, antialiased)",
-                            "(x - mean) / std per channel"]},
-        "output": {"name": output, **extra},
-    }
 
 
 def export(checkpoint: str | Path, fmt: str, output: str | Path, *, check_batch: int = 4) -> dict[str, Any]:
@@ -57,15 +46,12 @@ def export(checkpoint: str | Path, fmt: str, output: str | Path, *, check_batch:
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
     model, pre, out_name, extra = load_exportable(checkpoint)
-    if not isinstance(pre, Preprocess):
-        raise ConfigError(f"{checkpoint}: export writes image encoders (NCHW input); this encoder reads "
-                          f"{getattr(pre, 'modality', type(pre).__name__)}, which export does not support yet; use "
-                          f"`contrastive embed` for its features")
+    shape, spec = modality_named(pre.modality, str(checkpoint)).exported_input(pre)  # what the file reads
     model = plain_batchnorm(model).eval().float().cpu()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     # batch 2 in the example: a batch of 1 would let batch-size-specific shapes pass unnoticed
-    example = torch.zeros(2, pre.channels, pre.size, pre.size)
+    example = torch.zeros(2, *shape)
     if fmt == "torchscript":
         with _torchscript_quiet():
             traced = torch.jit.trace(model, example)
@@ -73,11 +59,11 @@ def export(checkpoint: str | Path, fmt: str, output: str | Path, *, check_batch:
     else:
         _export_onnx(model, example, output, out_name)
     spec_path = output.with_name(output.stem + ".preprocess.json")
-    spec_path.write_text(json.dumps(preprocess_spec(pre, out_name, extra), indent=2) + "\n")
+    spec = {"input": {"name": INPUT_NAME, **spec}, "output": {"name": out_name, **extra}}
+    spec_path.write_text(json.dumps(spec, indent=2) + "\n")
     res = {"model": str(output), "preprocess": str(spec_path), "format": fmt, "output": out_name,
-           "input_shape": ["batch", pre.channels, pre.size, pre.size]}
-    res.update(_check(model, fmt, output, torch.randn(check_batch, pre.channels, pre.size, pre.size,
-                                                      generator=torch.Generator().manual_seed(0))))
+           "input_shape": ["batch", *shape]}
+    res.update(_check(model, fmt, output, torch.randn(check_batch, *shape, generator=torch.Generator().manual_seed(0))))
     return res
 
 

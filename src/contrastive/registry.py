@@ -1,6 +1,6 @@
 """One dictionary per kind of part, filled by the ``@register`` decorator where each part is defined.
 
-Kinds: ``methods``, ``backbones``, ``datasets``. Looking up an unknown name raises a ConfigError that
+Kinds: ``methods``, ``backbones``, ``datasets``, ``modalities``. Looking up an unknown name raises a ConfigError that
 lists the known ones.
 """
 
@@ -12,7 +12,7 @@ from contrastive.errors import ConfigError
 
 T = TypeVar("T")
 
-_REGISTRIES: dict[str, dict[str, Any]] = {"methods": {}, "backbones": {}, "datasets": {}}
+_REGISTRIES: dict[str, dict[str, Any]] = {"methods": {}, "backbones": {}, "datasets": {}, "modalities": {}}
 
 
 def register(kind: str, name: str) -> Callable[[T], T]:

@@ -21,11 +21,11 @@ import torch
 import yaml
 from torch import nn
 
-from contrastive.config import Config, build_dataclass, to_dict
-from contrastive.data.preprocess import Preprocess
+from contrastive.config import Config, config_from_tree, to_dict
 from contrastive.errors import CheckpointError
 from contrastive.methods import build_method
 from contrastive.methods.base import BuildContext, Method
+from contrastive.modalities import modality_named
 from contrastive.training.checkpoint import atomic_save, is_checkpoint, read_file
 from contrastive.training.trainer import CHECKPOINT_NAME
 
@@ -97,8 +97,9 @@ def load_run(path: str | Path, *, method: bool = False) -> Run:
     if is_encoder and method:
         raise CheckpointError(f"{path} is an encoder.pt, which holds the evaluated encoder only; give the run folder "
                               f"or its checkpoint.pt")
-    config = build_dataclass(Config, raw["config"], "")
-    context = BuildContext(**raw["context"])
+    preprocess = read_preprocess(raw["preprocess"], path)
+    config = config_from_tree(raw["config"])
+    context = BuildContext.from_dict(raw["context"], preprocess.modality)
     whole = rebuild_method(config, context)
     if is_encoder:
         encoder = _load_weights(whole.encoder(), raw["state_dict"], path, "encoder")
@@ -106,8 +107,14 @@ def load_run(path: str | Path, *, method: bool = False) -> Run:
     else:
         kept = _load_weights(whole, raw["method"], path, "method").eval()
         encoder, feature_dim = kept.encoder(), kept.feature_dim
-    return Run(path=path, config=config, context=context, preprocess=Preprocess.from_dict(raw["preprocess"]),
-               encoder=encoder.eval(), feature_dim=feature_dim, method=kept)
+    return Run(path=path, config=config, context=context, preprocess=preprocess, encoder=encoder.eval(),
+               feature_dim=feature_dim, method=kept)
+
+
+def read_preprocess(d: dict, path: str | Path) -> Any:
+    """The preprocessing a file saved, made back by its modality (a file written before preprocessing named its
+    modality holds images)."""
+    return modality_named(d.get("modality", "image"), str(path)).preprocess_from_dict(d)
 
 
 def save_encoder(method: Method, cfg: Config, ctx: BuildContext, preprocess: Any, path: str | Path) -> Path:

@@ -1,22 +1,7 @@
-"""Datasets that only decode: items are ``(image uint8 [C, H, W], label int (-1 unlabeled), index int)``.
+"""The dataset contract every kind of data keeps (``datasets.py``), where named datasets' files are found
+(``locate.py``), and the building blocks above it: label subsets, P x K batches, batched image and colour kernels,
+token views. Readers of each kind of data are its modality's (``contrastive.modalities``)."""
 
-``load_splits(cfg.data)`` gives a run's pretraining data and evaluation sides; named datasets register
-themselves in ``contrastive.data.named``; image folders are read by ``contrastive.data.folder``.
-"""
+from contrastive.data.datasets import SampleDataset, Splits, collate_skip_corrupt, hold_out, is_labelled, subset
 
-from contrastive.data.datasets import (
-    Concat,
-    ImageDataset,
-    Splits,
-    Subset,
-    TensorImages,
-    collate_skip_corrupt,
-    is_labelled,
-    subset,
-)
-from contrastive.data.folder import IMAGE_EXTENSIONS, FolderImages, decode_image, open_folder
-from contrastive.data.splits import hold_out, load_splits, resolve_dataset
-
-__all__ = ["IMAGE_EXTENSIONS", "Concat", "FolderImages", "ImageDataset", "Splits", "Subset", "TensorImages",
-           "collate_skip_corrupt", "decode_image", "hold_out", "is_labelled", "load_splits", "open_folder",
-           "resolve_dataset", "subset"]
+__all__ = ["SampleDataset", "Splits", "collate_skip_corrupt", "hold_out", "is_labelled", "subset"]

@@ -3,8 +3,8 @@
 Each colour kernel takes float images in [0, 1] of shape [n, C, H, W] (C = 1 or 3) and a factor per
 sample of shape [n], and matches the ``torchvision.transforms.functional`` op of the same name applied
 to each image on its own, clamping included. The geometric kernels turn crop boxes into one
-``grid_sample`` call. Nothing here draws random numbers: ``contrastive.data.views`` draws them from a
-caller's generator, so these kernels are plain functions that tests compare against torchvision.
+``grid_sample`` call. Nothing here draws random numbers: the image views (``modalities/image/views.py``) draw
+them from a caller's generator, so these kernels are plain functions that tests compare against torchvision.
 
 Nothing here waits for the device: no ``nonzero``, ``.item()`` or tensor built from Python data on an
 accelerator, so the host queues a whole view without synchronising (see :func:`apply_where`).

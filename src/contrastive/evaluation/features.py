@@ -1,18 +1,15 @@
 """Frozen features for offline evaluation: extract once, then kNN and the linear probe read the cache.
 
-Datasets yield ``(sample, label int (-1 = unlabeled), index int)``, a sample of the dataset's modality (an image
-uint8 [C, H, W], an audio clip [1, T]). Features come back in dataset order, float32 on the CPU, with their int64
-labels, so one extraction serves every evaluator. The baselines beside them: raw pixels for images, MFCC
-statistics for audio (``data/modality.py`` picks).
+Datasets yield ``(sample, label int (-1 = unlabeled), index int)``, a sample of the dataset's kind of data (an
+image uint8 [C, H, W], an audio clip [1, T], token ids [L]). Features come back in dataset order, float32 on the
+CPU, with their int64 labels, so one extraction serves every evaluator (a modality's baseline features too).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -84,42 +81,6 @@ def extract_features(
     if feats is None:
         raise DataError("every image of the dataset was unreadable; there is nothing to extract features from")
     return feats[:n], labels[:n]
-
-
-def raw_pixel_features(dataset: Dataset, *, preprocess: Callable[[Tensor], Tensor], batch_size: int = 512,
-                       device: str | torch.device = "cpu", num_workers: int = 0) -> tuple[Tensor, Tensor]:
-    """The baseline learned features must beat: the encoder's own input, flattened, with no encoder.
-
-    ``preprocess`` is the encoder's (resize + per-channel normalisation), so the baseline sees the pixels
-    exactly as the encoder does (the caller may pass it at a smaller size to bound memory); centring by the
-    channel means matters for cosine similarity, which on un-centred pixels mostly measures brightness.
-    Preprocessing runs on ``device``. Returns ``(float32 [N, C*S*S] on the CPU, labels int64 [N])``.
-    """
-    return extract_features(nn.Flatten(), dataset, preprocess=preprocess, batch_size=batch_size, device=device,
-                            num_workers=num_workers)
-
-
-def mfcc_features(dataset: Dataset, *, n_mfcc: int = 20) -> tuple[Tensor, Tensor]:
-    """The audio baseline: per clip, the mean and std over time of ``n_mfcc`` MFCCs (librosa; 25 ms windows
-    rounded up to a power of two, 10 ms hop, 40 mel bands: the usual speech front end), from the clips' own
-    samples (the NaN padding left out). ``dataset`` holds audio clips (``data/audio.py``). Returns
-    ``(float32 [N, 2 * n_mfcc], labels int64 [N])`` in dataset order."""
-    try:
-        import librosa
-    except ImportError:
-        from contrastive.errors import ConfigError
-
-        raise ConfigError("the MFCC baseline of audio data needs librosa: pip install 'contrastive[audio]', or "
-                          "set eval.raw_pixel_baseline=false") from None
-    rate = dataset.sample_rate
-    n_fft = 1 << math.ceil(math.log2(0.025 * rate))
-    feats = torch.empty(len(dataset), 2 * n_mfcc)
-    for i, clip in enumerate(dataset.clips[:, 0].numpy()):
-        samples = clip[~np.isnan(clip)]
-        m = librosa.feature.mfcc(y=samples, sr=rate, n_mfcc=n_mfcc, n_fft=n_fft, hop_length=rate // 100,
-                                 n_mels=40)  # [n_mfcc, frames]
-        feats[i] = torch.from_numpy(np.concatenate([m.mean(1), m.std(1)]))
-    return feats, dataset.labels.clone()
 
 
 def check_labelled(feats: Tensor, labels: Tensor, *, num_classes: int, role: str) -> None:

@@ -61,7 +61,8 @@ class StepInfo:
 class Batch:
     """This process's share of one global batch."""
 
-    views: list[torch.Tensor]  # float tensors [n, C, S_v, S_v], normalised, on the training device; global first
+    views: list[torch.Tensor]  # this process's views, on the training device, global first (images: float
+    #                            [n, C, S_v, S_v], normalised; sentences: token ids [n, L])
     index: torch.Tensor  # [n] int64: each sample's position in the training dataset (memory banks)
     label: torch.Tensor  # [n] int64: class, -1 when unknown (supervised losses only)
     n_global: int | None = None  # the first n_global views are global (views.groups); None: all of them
@@ -90,37 +91,51 @@ class BuildContext:
     each time it is called (CMC builds one per view), returning ``(module, feature_dim)``.
     """
 
-    channels: int  # of the images the encoder sees
-    image_size: int  # side of the views the encoder sees
-    dataset_size: int  # training images: rows of a memory bank
+    input_shape: tuple[int, ...]  # one global view as the encoder reads it, without the batch: images [C, S, S],
+    #                               audio windows [1, T], token ids [L]
+    dataset_size: int  # training samples: rows of a memory bank
     num_classes: int | None  # None when the training data is unlabeled
     batch_size: int  # global, over every process
     world_size: int
     steps_per_epoch: int
     epochs: int
     backbone_section: dict = field(default_factory=lambda: {"name": "small_cnn"})
+    modality: str = "image"  # the kind of data trained on (a registered modality's name)
     # the training data's per-channel mean and std, which normalised the views (CMC un-normalises them before
-    # its Lab conversion); None in contexts saved before they were recorded
+    # its Lab conversion); None for data without them (token ids)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
-    def build_backbone(self, in_channels: int | None = None, image_size: int | None = None) -> tuple[nn.Module, int]:
-        """``image_size``: the side the encoder will see when it is not the views' (CPC's patches)."""
+    def __post_init__(self) -> None:
+        self.input_shape = tuple(int(n) for n in self.input_shape)  # a list when read back from a file
+
+    @property
+    def channels(self) -> int:
+        """Images and audio: the channels of a view ([C, ...])."""
+        return self.input_shape[0]
+
+    @property
+    def image_size(self) -> int:
+        """Images: the side of a view ([C, S, S])."""
+        return self.input_shape[-1]
+
+    def build_backbone(self, input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, int]:
+        """``input_shape``: what the encoder will read when it is not a view (CMC's channel groups, CPC's
+        patches)."""
         from contrastive.nn.backbones import build_backbone
 
-        return build_backbone(self.backbone_section, in_channels=in_channels or self.channels,
-                              image_size=image_size or self.image_size)
+        return build_backbone(self.backbone_section, input_shape=input_shape or self.input_shape)
 
     @classmethod
-    def for_run(cls, cfg: Any, dataset: Any, world_size: int = 1) -> "BuildContext":
-        """The context of training ``cfg`` (a Config) on ``dataset`` over ``world_size`` processes."""
-        from contrastive.data.views import run_view_size
-
-        return cls(channels=dataset.channels, image_size=run_view_size(cfg, dataset.image_size),
-                   dataset_size=len(dataset), num_classes=dataset.num_classes, batch_size=cfg.train.batch_size,
-                   world_size=world_size, steps_per_epoch=max(len(dataset) // cfg.train.batch_size, 1),
-                   epochs=cfg.train.epochs, backbone_section=dict(cfg.backbone), mean=tuple(dataset.mean),
-                   std=tuple(dataset.std))
+    def from_dict(cls, d: dict, modality: str) -> "BuildContext":
+        """A context as a file holds it (``asdict``) for data of ``modality``, also one written before contexts
+        had an input shape: those held an image's ``channels`` and ``image_size`` (for audio a clip's length, for
+        text a row's)."""
+        d = {"modality": modality, **d}
+        if "input_shape" not in d:
+            channels, size = d.pop("channels"), d.pop("image_size")
+            d["input_shape"] = {"audio": (channels, size), "text": (size,)}.get(modality, (channels, size, size))
+        return cls(**d)
 
 
 class Method(nn.Module):
@@ -153,12 +168,18 @@ class Method(nn.Module):
         return [{"name": "default", "params": list(self.parameters())}]
 
     def encoder(self) -> nn.Module:
-        """The module evaluation and ``encoder.pt`` use: images [B, C, S, S] -> features [B, D]."""
+        """The module evaluation and ``encoder.pt`` use: a batch of inputs (images [B, C, S, S]) -> features [B, D]."""
         return self.backbone
 
     def projection_head(self) -> nn.Sequential | None:
         """The head on top of ``encoder()`` (SimCLR v2 fine-tunes from its first layer); None when there is none."""
         return None
+
+    def embedders(self) -> dict[str, nn.Module]:
+        """A method that embeds several kinds of data into one space (CLIP: images and captions) names a module per
+        kind (a registered modality's name) into that space; retrieval, zero-shot and ``embed`` read them. Empty:
+        ``encoder()`` is the method's one embedding."""
+        return {}
 
     def batch_order(self, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
                     name: str) -> list[torch.Tensor] | None:
@@ -189,3 +210,8 @@ class MethodSpec:
     # the paper's view groups (views.groups) for global views of a given side, used when the config names
     # none; None: n_views views of one recipe
     view_groups: Callable[[int], list[dict]] | None = None
+    # the kinds of data the method trains on (registered modalities' names); None: any kind its backbone reads
+    data: tuple[str, ...] | None = None
+    # a method with an encoder per kind of data: the config section that builds each one, e.g. CLIP's
+    # {"image": "backbone", "text": "method.text"}; None: the backbone reads the data
+    towers: dict[str, str] | None = None

@@ -19,7 +19,7 @@ projection W_t trained. "The learnable temperature parameter τ was initialized 
 clipped to prevent scaling the logits by more than 100": after every step ``log(1/τ)`` is clamped at log 100.
 
 Evaluation reads ``encoder()`` (the image backbone: kNN and linear probe on image data) and the joint space
-(``image_embedder()``, ``text_embedder()``: retrieval and zero-shot classification).
+(``embedders()``: retrieval and zero-shot classification).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from contrastive.errors import ConfigError
 from contrastive.losses import clip_loss
 from contrastive.losses.clip import MAX_LOGIT_SCALE
 from contrastive.methods.base import Batch, BuildContext, Method, MethodSpec, StepInfo, StepOutput
+from contrastive.nn.backbones import backbone_spec, build_backbone
+from contrastive.nn.text import TEXT_BACKBONES
 from contrastive.registry import register
 
 
@@ -89,13 +91,10 @@ class CLIP(Method):
         """W_i over the image encoder's features (fine-tuning may start from the joint space, --from-layer 1)."""
         return nn.Sequential(self.image_projection)
 
-    def image_embedder(self) -> nn.Module:
-        """Images -> the joint space (before normalisation)."""
-        return nn.Sequential(self.backbone, self.image_projection)
-
-    def text_embedder(self) -> nn.Module:
-        """Token ids -> the joint space (before normalisation)."""
-        return _TextEmbedder(self.text, self.text_projection)
+    def embedders(self) -> dict[str, nn.Module]:
+        """Images and token ids -> the joint space (before normalisation)."""
+        return {"image": nn.Sequential(self.backbone, self.image_projection),
+                "text": _TextEmbedder(self.text, self.text_projection)}
 
     def forward(self, batch: Batch, *, step: StepInfo) -> StepOutput:
         if len(batch.views) != 2 or batch.views[1].dtype != torch.long:
@@ -117,15 +116,13 @@ class CLIP(Method):
 
 
 def _build(ctx: BuildContext, cfg: CLIPConfig) -> CLIP:
-    from contrastive.nn.backbones import build_backbone
-    from contrastive.nn.text import TEXT_BACKBONES
-
-    if not isinstance(cfg.text, dict) or cfg.text.get("name") not in TEXT_BACKBONES:
+    if not isinstance(cfg.text, dict) or backbone_spec(cfg.text, "method.text").reads != "text":
         raise ConfigError(f"method.text={cfg.text!r} is not a text encoder section; give one of "
                           f"{', '.join(TEXT_BACKBONES)}, e.g. method.text={{name: minilm}}")
     image, image_dim = ctx.build_backbone()
-    text, text_dim = build_backbone(cfg.text, in_channels=1, image_size=0, where="method.text")
+    text, text_dim = build_backbone(cfg.text, input_shape=(), where="method.text")  # token ids of any length
     return CLIP(image, image_dim, text, text_dim, cfg)
 
 
-register("methods", "clip")(MethodSpec(config_class=CLIPConfig, build=_build))
+register("methods", "clip")(MethodSpec(config_class=CLIPConfig, build=_build, data=("image-text",),
+                                       towers={"image": "backbone", "text": "method.text"}))

@@ -192,8 +192,8 @@ def _build(ctx: BuildContext, cfg: CMCConfig) -> CMC:
         raise ConfigError("CMC un-normalises its views before the Lab conversion and needs the data's per-channel "
                           "mean and std; build the context with BuildContext.for_run(cfg, dataset) or give "
                           "BuildContext(mean=..., std=...)")
-    encoders = [ctx.build_backbone(in_channels=len(group)) for group in channel_groups(cfg.views)]
+    encoders = [ctx.build_backbone((len(group), *ctx.input_shape[1:])) for group in channel_groups(cfg.views)]
     return CMC(encoders, cfg, ctx.dataset_size, ctx.mean, ctx.std)
 
 
-register("methods", "cmc")(MethodSpec(config_class=CMCConfig, build=_build))
+register("methods", "cmc")(MethodSpec(config_class=CMCConfig, build=_build, data=("image",)))

@@ -207,7 +207,7 @@ def _check(cfg: CPCConfig) -> None:
 
 def _build(ctx: BuildContext, cfg: CPCConfig) -> CPC:
     _check(cfg)
-    return CPC(*ctx.build_backbone(image_size=cfg.patch_size), cfg, image_size=ctx.image_size)
+    return CPC(*ctx.build_backbone((ctx.channels, cfg.patch_size, cfg.patch_size)), cfg, image_size=ctx.image_size)
 
 
-register("methods", "cpc")(MethodSpec(config_class=CPCConfig, build=_build))
+register("methods", "cpc")(MethodSpec(config_class=CPCConfig, build=_build, data=("image",)))

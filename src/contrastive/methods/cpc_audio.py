@@ -87,8 +87,8 @@ class CPCAudio(Method):
         n, t, d = z.shape
         k = self.cfg.steps
         if t <= k:
-            raise ConfigError(f"views.window={x.shape[-1]} samples give {t} frames, too few to predict "
-                              f"method.steps={k} ahead; lengthen views.window or lower method.steps")
+            raise ConfigError(f"windows of {x.shape[-1]} samples give {t} frames, too few to predict "
+                              f"method.steps={k} ahead; lengthen modalities.audio.window or lower method.steps")
         candidates = distributed.gather_with_grad(z * valid[..., None]).reshape(-1, d)  # [N T, D]
         w = self.predictors.weight.view(k, d, -1)  # [K, D, H]
         predictions = torch.einsum("kdh,nth->ntkd", w, c).reshape(-1, d)  # [n T K, D]: W_k c_t
@@ -112,4 +112,4 @@ def _build(ctx: BuildContext, cfg: CPCAudioConfig) -> CPCAudio:
     return CPCAudio(ctx.build_backbone()[0], cfg)
 
 
-register("methods", "cpc-audio")(MethodSpec(config_class=CPCAudioConfig, build=_build))
+register("methods", "cpc-audio")(MethodSpec(config_class=CPCAudioConfig, build=_build, data=("audio",)))

@@ -134,6 +134,8 @@ def _check_text(ctx: BuildContext) -> tuple[nn.Module, int]:
 
 
 register("methods", "simcse")(MethodSpec(config_class=SimCSEConfig,
-                                         build=lambda ctx, cfg: SimCSE(*_check_text(ctx), cfg, supervised=False)))
+                                         build=lambda ctx, cfg: SimCSE(*_check_text(ctx), cfg, supervised=False),
+                                         data=("text",)))
 register("methods", "simcse-sup")(MethodSpec(config_class=SimCSESupConfig,
-                                             build=lambda ctx, cfg: SimCSE(*_check_text(ctx), cfg, supervised=True)))
+                                             build=lambda ctx, cfg: SimCSE(*_check_text(ctx), cfg, supervised=True),
+                                             data=("text",)))

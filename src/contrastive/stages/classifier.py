@@ -15,13 +15,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from contrastive.config import Config, build_dataclass, read_yaml, recipe_dir, to_dict
-from contrastive.data import named  # noqa: F401  (fills the dataset registry)
-from contrastive.data.preprocess import Preprocess
+from contrastive.config import Config, build_dataclass, config_from_tree, read_yaml, recipe_dir, to_dict
 from contrastive.errors import CheckpointError, ConfigError
 from contrastive.methods.base import BuildContext, Method
-from contrastive.registry import names
+from contrastive.modalities import modalities  # noqa: F401  (fills the dataset registry)
+from contrastive.modalities.image.preprocess import Preprocess
 from contrastive.nn.backbones import build_backbone
+from contrastive.registry import names
 from contrastive.runs import filled, rebuild_method
 from contrastive.training.checkpoint import atomic_save, read_file
 
@@ -152,10 +152,11 @@ def backbone_source(section: dict, channels: int, image_size: int) -> dict:
 def build_encoder(source: dict) -> tuple[nn.Module, int]:
     """The encoder ``source`` describes, with random (or, for a pretrained source, meta) weights."""
     if source["kind"] == "pretrained":
-        method = rebuild_method(build_dataclass(Config, source["config"], ""), BuildContext(**source["context"]))
+        method = rebuild_method(config_from_tree(source["config"]), BuildContext.from_dict(source["context"], "image"))
         return encoder_from(method, source["from_layer"])
     if source["kind"] == "backbone":
-        return build_backbone(source["section"], in_channels=source["channels"], image_size=source["image_size"])
+        c, s = source["channels"], source["image_size"]
+        return build_backbone(source["section"], input_shape=(c, s, s))
     raise CheckpointError(f"unknown classifier source {source['kind']!r}")
 
 

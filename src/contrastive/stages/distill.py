@@ -22,18 +22,25 @@ import torch.nn.functional as F
 import yaml
 
 from contrastive.config import DataConfig, OptimConfig, to_dict
-from contrastive.data import load_splits
 from contrastive.data.labels import LabelSubset, labels_sha256
+from contrastive.device import resolve_device
 from contrastive.errors import ConfigError, DataError
-from contrastive.stages import supervised
-from contrastive.stages.classifier import (Classifier, backbone_source, count_parameters, load_classifier,
-                                               save_classifier, stage_config, stage_recipe)
 from contrastive.losses import distillation_loss
 from contrastive.methods.base import STREAM_LOADER, step_seed
+from contrastive.modalities import load_splits
 from contrastive.nn.backbones import build_backbone
 from contrastive.plots import training_curves
 from contrastive.runs import write_results
-from contrastive.device import resolve_device
+from contrastive.stages import supervised
+from contrastive.stages.classifier import (
+    Classifier,
+    backbone_source,
+    count_parameters,
+    load_classifier,
+    save_classifier,
+    stage_config,
+    stage_recipe,
+)
 
 log = logging.getLogger("contrastive.distill")
 
@@ -100,7 +107,7 @@ def distill(teacher: str | Path, student: dict, data: DataConfig, output: str | 
     (out / "stage.yaml").write_text(yaml.safe_dump({"distill": to_dict(cfg)}, sort_keys=False))
 
     torch.manual_seed(seed)
-    enc, dim = build_backbone(student, in_channels=pre.channels, image_size=pre.size)
+    enc, dim = build_backbone(student, input_shape=(pre.channels, pre.size, pre.size))
     model = Classifier(enc, dim, len(tinfo["classes"])).to(dev)
     teacher_model = teacher_model.to(dev).eval()
     for p in teacher_model.parameters():

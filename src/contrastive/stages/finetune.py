@@ -21,20 +21,28 @@ import yaml
 
 from contrastive.config import DataConfig, OptimConfig, to_dict
 from contrastive.data import labels as label_subsets
-from contrastive.data import load_splits
-from contrastive.data.datasets import TensorImages
-from contrastive.data.preprocess import Preprocess
+from contrastive.device import resolve_device
 from contrastive.errors import ConfigError, DataError
-from contrastive.stages import supervised
-from contrastive.stages.classifier import (Classifier, backbone_source, count_parameters, encoder_from,
-                                               plain_batchnorm, pretrained_source, save_classifier,
-                                               stage_config, stage_recipe)
 from contrastive.evaluation.features import extract_features
 from contrastive.evaluation.linear import linear_probe
+from contrastive.modalities import load_splits
+from contrastive.modalities.image.datasets import TensorImages
+from contrastive.modalities.image.preprocess import Preprocess
 from contrastive.nn.backbones import build_backbone
 from contrastive.plots import training_curves
 from contrastive.runs import load_run, write_results
-from contrastive.device import resolve_device
+from contrastive.stages import supervised
+from contrastive.stages.classifier import (
+    Classifier,
+    backbone_source,
+    count_parameters,
+    encoder_from,
+    plain_batchnorm,
+    pretrained_source,
+    save_classifier,
+    stage_config,
+    stage_recipe,
+)
 
 log = logging.getLogger("contrastive.finetune")
 
@@ -142,7 +150,7 @@ def finetune(data: DataConfig, labels: str, output: str | Path, *, checkpoint: s
 
     if checkpoint is None:
         torch.manual_seed(seed)
-        enc, dim = build_backbone(scratch, in_channels=preprocess.channels, image_size=preprocess.size)
+        enc, dim = build_backbone(scratch, input_shape=(preprocess.channels, preprocess.size, preprocess.size))
         source = backbone_source(scratch, preprocess.channels, preprocess.size)
     # every parameter trains except those the method froze itself (SimCLR's head-output BN shift)
     model = Classifier(enc, dim, train.num_classes, zero_init=cfg.zero_init_classifier).to(dev)

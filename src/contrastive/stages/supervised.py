@@ -26,13 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from contrastive.config import OptimConfig, ViewConfig
-from contrastive.data.preprocess import Preprocess
-from contrastive.data.views import TensorViews
+from contrastive.device import keep_on_device
 from contrastive.errors import DataError, NonFiniteLossError
 from contrastive.methods.base import STREAM_METHOD, STREAM_VIEWS, step_seed
+from contrastive.modalities.image.preprocess import Preprocess
+from contrastive.modalities.image.views import TensorViews
 from contrastive.optim.optimizers import build_optimizer
 from contrastive.optim.schedules import lr_at, scaled_lr
-from contrastive.device import keep_on_device
 
 log = logging.getLogger("contrastive.supervised")
 

@@ -15,7 +15,6 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -23,6 +22,7 @@ from torch import nn
 from contrastive.errors import ConfigError
 from contrastive.machine import available_memory, gib
 from contrastive.methods.base import Batch, Method, StepInfo
+from contrastive.modalities.base import Trial
 
 log = logging.getLogger("contrastive.train")
 
@@ -86,16 +86,11 @@ def _batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def measure_step(method: Method, *, channels: int, sizes: list[int], n_global: int, device: torch.device,
-                 amp_dtype: torch.dtype | None, step: StepInfo, dataset_size: int | None = None,
-                 dims: int = 2, make_views: Callable[[int, torch.Generator], list[torch.Tensor]] | None = None
-                 ) -> StepMemory:
-    """The memory of a training step of ``method`` on views ``[n, channels, s, s]`` (``dims`` 2: images; 1:
-    audio windows ``[n, channels, s]``) for each side s of
-    ``sizes`` (the first ``n_global`` global, as the trainer's batches), from trial forward
-    passes at TRIAL_BATCHES times ``method.batch_multiple`` images (their dataset indices below
-    ``dataset_size``: rows of a memory bank). ``make_views(n, generator)``, when given, makes the trial views
-    instead (text: token ids cut from the data itself, which random floats cannot stand for).
+def measure_step(method: Method, trial: Trial, *, device: torch.device, amp_dtype: torch.dtype | None,
+                 step: StepInfo, dataset_size: int | None = None) -> StepMemory:
+    """The memory of a training step of ``method`` on the views ``trial`` makes (the data's modality's: random
+    crops of images, windows of audio, real sentences), from trial forward passes at TRIAL_BATCHES times
+    ``method.batch_multiple`` samples (their dataset indices below ``dataset_size``: rows of a memory bank).
     Changes no state: batch-norm running statistics are kept (momentum 0 for the trials) and the random
     generators are restored."""
     trials = tuple(n * method.batch_multiple for n in TRIAL_BATCHES)  # MoCo: whole batch-norm groups
@@ -111,12 +106,10 @@ def measure_step(method: Method, *, channels: int, sizes: list[int], n_global: i
                 m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch statistic: unchanged
             for n in trials:
                 gen = torch.Generator(device=device).manual_seed(n)
-                views = (make_views(n, gen) if make_views is not None else
-                         [torch.randn(n, channels, *[s] * dims, generator=gen, device=device) for s in sizes])
-                per_sample = sum(v[0].numel() * v.element_size() for v in views)
+                views = trial.make(n, gen)
                 index = torch.arange(n, device=device) % (dataset_size or n)
                 batch = Batch(views=views, index=index,
-                              label=torch.full((n,), -1, dtype=torch.long, device=device), n_global=n_global)
+                              label=torch.full((n,), -1, dtype=torch.long, device=device), n_global=trial.n_global)
                 saved.append(_saved_bytes(method, batch, step, autocast))
     finally:
         for m, momentum, tracked in kept:
@@ -130,11 +123,8 @@ def measure_step(method: Method, *, channels: int, sizes: list[int], n_global: i
     b = max(d12 - c * (n1 + n2), 0.0)
     a = max(s1 - b * n1 - c * n1 * n1, 0.0)
     weights = sum(p.numel() * p.element_size() for p in method.parameters() if p.requires_grad)
-    # per image, besides the saved tensors: its views (the batch of floats the method receives) and the
-    # float copy of the uint8 image the views are cut from (for audio, of the window the views are cut at)
-    inputs = ((sum(s ** dims for s in sizes) + max(sizes) ** dims) * channels * 4 if make_views is None else
-              2 * per_sample)  # made views: them and the rows they were cut from
-    return StepMemory(fixed=3 * weights + BACKWARD_FACTOR * a, per_image=BACKWARD_FACTOR * b + inputs,
+    # per sample, besides the saved tensors: its views and what they were cut from (the modality's count)
+    return StepMemory(fixed=3 * weights + BACKWARD_FACTOR * a, per_image=BACKWARD_FACTOR * b + trial.input_bytes,
                       per_pair=BACKWARD_FACTOR * c)
 
 

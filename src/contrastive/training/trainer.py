@@ -27,20 +27,27 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from contrastive import distributed
-from contrastive.device import cuda_settings, keep_on_device, peak_memory_mb, resolve_device, resolve_precision
-from contrastive.config import Config, build_dataclass, to_dict
+from contrastive.config import Config, config_from_tree, to_dict
 from contrastive.data import collate_skip_corrupt
-from contrastive.data.modality import modality_of
+from contrastive.data.datasets import PerItemViews
+from contrastive.device import cuda_settings, keep_on_device, peak_memory_mb, resolve_device, resolve_precision
 from contrastive.errors import CheckpointError, ConfigError, NonFiniteLossError
 from contrastive.methods import method_config
+from contrastive.methods.base import STREAM_GLOBAL, Batch, Method, StepInfo, StepOutput, step_seed
+from contrastive.modalities import modality_of
 from contrastive.nn.backbones import backbone_config
-from contrastive.methods.base import STREAM_GLOBAL, Batch, BuildContext, Method, StepInfo, StepOutput, step_seed
-from contrastive.training.budget import TimeEstimate, check_step_fits, measure_step
-from contrastive.training.collapse import collapse_stats, collapsed
-from contrastive.training.checkpoint import (FORMAT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state,
-                                             to_cpu)
 from contrastive.optim.optimizers import build_optimizer, clip_gradients, set_step_values
 from contrastive.optim.schedules import lr_at, scaled_lr, weight_decay_at
+from contrastive.training.budget import TimeEstimate, check_step_fits, measure_step
+from contrastive.training.checkpoint import (
+    FORMAT_VERSION,
+    atomic_save,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+    to_cpu,
+)
+from contrastive.training.collapse import collapse_stats, collapsed
 
 log = logging.getLogger("contrastive.train")
 
@@ -100,15 +107,18 @@ class Trainer:
         if cfg.train.batch_size % self.world:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
                               f"{self.world} processes; make it a multiple")
-        if cfg.data.skip_corrupt and getattr(dataset, "images", None) is None and self.world > 1:
+        if cfg.data.skip_corrupt and dataset.samples is None and self.world > 1:
             raise ConfigError("data.skip_corrupt on a dataset decoded per item (data.in_memory=false) would give "
                               "the processes unequal batches; use data.in_memory=true, which drops unreadable "
                               "images once at load time, or fix the files")
         if cfg.train.batch_size > len(dataset):
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the dataset "
-                              f"({len(dataset)} images); lower train.batch_size")
+                              f"({len(dataset)} samples); lower train.batch_size")
         self.dataset = dataset
-        self.context = BuildContext.for_run(cfg, dataset, self.world)  # saved, so the method can be rebuilt
+        # images, audio, text, image-caption pairs: the kind of data chooses the views, the memory check's trial
+        # and the preprocessing
+        self.modality = modality_of(dataset)
+        self.context = self.modality.context(cfg, dataset, self.world)  # saved, so the method can be rebuilt
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
         cuda_settings(cfg.train, self.device)
         self.method = method.to(self.device)
@@ -116,10 +126,7 @@ class Trainer:
             self.method.sync_batchnorm()
         if cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
-        # images, audio, text, image-caption pairs: the kind of data chooses the views, the memory check's trial
-        # and the preprocessing
-        self.modality = modality_of(dataset)
-        self.modality.check_backbone(cfg.backbone)
+        self.modality.check_backbone(cfg)
         self.views = self.modality.views(cfg, dataset)
         self.steps_per_epoch = len(dataset) // cfg.train.batch_size
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
@@ -156,11 +163,11 @@ class Trainer:
         return self.world > 1 and self.device.type != "cpu" and want is not False
 
     def _place_images(self) -> torch.Tensor | None:
-        """The in-memory dataset's samples (uint8 images, float audio clips) where tensor views index them: on
-        the GPU when they fit (``keep_on_device``: a batch is then an index there, no host copy), else on the
-        host; None when the data is read per item (the DataLoader pins its batches)."""
-        images = getattr(self.dataset, "images", None)
-        if self.cfg.views.backend != "tensor" or not isinstance(images, torch.Tensor):
+        """The in-memory dataset's samples (uint8 images, float audio clips, token ids) where batched views index
+        them: on the GPU when they fit (``keep_on_device``: a batch is then an index there, no host copy), else on
+        the host; None when the data is read per item (the DataLoader pins its batches)."""
+        images = self.dataset.samples
+        if getattr(self.views, "per_item", False) or not isinstance(images, torch.Tensor):
             return None
         if self.device.type == "cuda" and keep_on_device(self.cfg.train.data_on_device, images.nbytes,
                                                          torch.cuda.mem_get_info(self.device)[0]):
@@ -183,7 +190,7 @@ class Trainer:
             "optimizer": to_cpu(self.optimizer.state_dict()),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
-            "preprocess": asdict(self.modality.preprocess(self.dataset, self.views.size)),
+            "preprocess": asdict(self.modality.preprocess(self.cfg, self.dataset)),
             "context": asdict(self.context),
         }
 
@@ -191,7 +198,7 @@ class Trainer:
         ckpt = load_checkpoint(path)
         now = _resolved(self.cfg)
         try:
-            then = _resolved(build_dataclass(Config, ckpt["config"], ""))
+            then = _resolved(config_from_tree(ckpt["config"]))
         except ConfigError as e:
             raise CheckpointError(f"cannot resume from {path}: its config no longer validates ({e})") from None
         for keys in _RESUME_KEYS:
@@ -258,10 +265,8 @@ class Trainer:
                 yield batch, index, labels[index]
             return
         dataset = self.dataset
-        if self.cfg.views.backend == "pil":
-            from contrastive.data.views import ViewDataset
-
-            dataset = ViewDataset(self.dataset, self.views)
+        if getattr(self.views, "per_item", False):  # made in the loader's workers (PIL views of images)
+            dataset = PerItemViews(self.dataset, self.views)
         skip = self.cfg.data.skip_corrupt
         loader = DataLoader(
             dataset,
@@ -283,7 +288,7 @@ class Trainer:
             yield images, index, labels
 
     def _batch(self, images, index: torch.Tensor, labels: torch.Tensor) -> Batch:
-        if self.cfg.views.backend == "pil":
+        if getattr(self.views, "per_item", False):
             views = [v.to(self.device, non_blocking=True) for v in images]
         else:
             gen = torch.Generator(device=self.device)
@@ -395,14 +400,11 @@ class Trainer:
     def check_memory(self) -> None:
         """Before the first step: a ConfigError naming the largest batch that fits when a step at
         train.batch_size would not fit in the device's free memory (trial steps, see training/budget.py)."""
-        sizes, n_global = self.modality.trial_sizes(self.cfg, self.dataset)
-        memory = measure_step(self.method, channels=self.dataset.channels, sizes=sizes, dims=self.modality.dims,
-                              n_global=n_global, device=self.device, amp_dtype=self.amp_dtype,
-                              step=self.step_info(), dataset_size=len(self.dataset),
-                              make_views=self.modality.trial_views(self.views, self.dataset, self.device))
+        trial = self.modality.trial(self.cfg, self.dataset, self.views, self.device)
+        memory = measure_step(self.method, trial, device=self.device, amp_dtype=self.amp_dtype,
+                              step=self.step_info(), dataset_size=len(self.dataset))
         check_step_fits(memory, batch_size=self.cfg.train.batch_size, world_size=self.world, device=self.device,
-                        what=f"{self.cfg.method['name']} with {self.cfg.backbone['name']} on "
-                             f"{self.modality.describe(sizes)}")
+                        what=f"{self.cfg.method['name']} with {self.cfg.backbone['name']} on {trial.what}")
 
     def step_info(self) -> StepInfo:
         return StepInfo(step=self.step, epoch=self.epoch, total_steps=self.total_steps,

@@ -10,8 +10,8 @@ probability 0.2), Gaussian blur": per view, in this order, then per-channel norm
 
 Views come in groups (``views.groups``): each group has its own count, size and recipe, so BYOL's
 asymmetric pair and SwAV's and DINO's multi-crop (2 global + 6 or 8 small local crops) are configs, not
-code. A group is made in one batched pass over the batch per view, never per image. ``make_views``
-validates a ``ViewConfig`` and builds the backend it names.
+code. A group is made in one batched pass over the batch per view, never per image. The image modality
+(``modalities/image``) validates a ``ViewConfig`` and builds the backend it names.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from contrastive.config import ViewConfig
@@ -182,24 +181,10 @@ def global_size(groups: list[ViewGroup], in_size: int, where: str = "views.group
     return sides.pop()
 
 
-def run_view_groups(cfg: Any) -> Callable[[int], list[dict]] | None:
-    """The paper's view groups of the method a run config (a Config) names, or None."""
-    from contrastive import methods  # noqa: F401  (fills the registry)
-    from contrastive.registry import lookup
-
-    return lookup("methods", cfg.method["name"]).view_groups
-
-
 def view_shapes(groups: list[ViewGroup], in_size: int) -> tuple[list[int], int]:
     """(the side of every view, in batch order; how many of them are global)."""
     return ([g.view.size or in_size for g in groups for _ in range(g.count)],
             sum(g.count for g in groups if g.is_global))
-
-
-def run_view_size(cfg: Any, in_size: int) -> int:
-    """The global views' side in a run config (a Config) for images decoded at ``in_size``: what the encoder
-    sees, and what evaluation preprocesses to."""
-    return global_size(view_groups(cfg.views, in_size, run_view_groups(cfg)), in_size)
 
 
 def jitter_amounts(cfg: ViewConfig) -> tuple[float, float, float, float]:
@@ -343,6 +328,8 @@ class PILViews:
     grayscale are left out for 1 channel (no-ops there).
     """
 
+    per_item = True  # applied to each image in the loader's workers, not to batches
+
     def __init__(self, cfg: ViewConfig, mean: Sequence[float], std: Sequence[float], channels: int, in_size: int,
                  method_groups: Callable[[int], list[dict]] | None = None):
         _check_stats(mean, std, channels)
@@ -386,38 +373,9 @@ def _pil_transform(cfg: ViewConfig, mean: Sequence[float], std: Sequence[float],
     return v2.Compose(steps)
 
 
-class ViewDataset(Dataset):
-    """Wraps a dataset of ``(image uint8 [C, H, W], label, index)`` into ``(views, label, index)``,
-    views being ``pil_views(image)``: a list of float tensors [C, S, S]."""
-
-    def __init__(self, base: Dataset, pil_views: PILViews):
-        self.base = base
-        self.pil_views = pil_views
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple[list[Tensor], Any, Any] | None:
-        item = self.base[i]
-        if item is None:  # unreadable under data.skip_corrupt: collate_skip_corrupt drops and counts it
-            return None
-        image, label, index = item
-        return self.pil_views(image), label, index
-
-
 def make_views(cfg: ViewConfig, mean: Sequence[float], std: Sequence[float], channels: int, in_size: int,
-               method_groups: Callable[[int], list[dict]] | None = None, *, modality: str = "image"):
-    """The batch transform of the data's ``modality``: for images, the view maker ``cfg.backend`` names, after
-    checking every ``views.*`` field and group; for audio, random windows (``data.audio.AudioViews``)."""
-    if modality == "audio":
-        from contrastive.data.audio import AudioViews
-
-        if method_groups is not None:
-            raise ConfigError("the method's view groups are crops of images; audio views are windows of a clip "
-                              "(views.window, views.n_views): train an audio method (cpc-audio) on audio")
-        return AudioViews(cfg, mean, std)
-    if modality != "image":
-        raise ConfigError(f"no views for {modality!r} data")
+               method_groups: Callable[[int], list[dict]] | None = None) -> TensorViews | PILViews:
+    """The view maker ``cfg.backend`` names, after checking every ``views.*`` field and group."""
     check_view_config(cfg)
     cls = TensorViews if cfg.backend == "tensor" else PILViews
     return cls(cfg, mean, std, channels, in_size, method_groups)

@@ -23,16 +23,19 @@ import re
 import tarfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from contrastive.config import DataConfig
-from contrastive.data.datasets import Splits, TensorImages
-from contrastive.data.folder import _load_into_memory, list_images, survey_sizes
+from contrastive.data.datasets import Splits
+from contrastive.data.locate import data_root
 from contrastive.errors import ConfigError, DataError
-from contrastive.registry import register
+from contrastive.modalities.base import register_dataset
+from contrastive.modalities.image.datasets import TensorImages
+from contrastive.modalities.image.folder import _load_into_memory, list_images, survey_sizes
+from contrastive.modalities.text.rows import tokenize
 
 log = logging.getLogger("contrastive.data")
 
@@ -68,17 +71,40 @@ class ImageCaptions(TensorImages):
                          size=size, mean=mean, std=std)
         self.captions = [list(c) for c in captions]
         self.image_names = list(image_names)
+        # once tokenised (``tokenized``): every image's captions as token ids [N, K, L] (K the most captions of an
+        # image, missing rows padding), the count of each image's captions [N], the padding id
+        self.caption_ids: Tensor | None = None
+        self.caption_counts: Tensor | None = None
+        self.pad_id: int | None = None
+
+    def tokenized(self, tokenizer: Any, max_tokens: int) -> "ImageCaptions":
+        """A copy holding every caption's token ids under ``tokenizer``, truncated at ``max_tokens``."""
+        out = self.take(torch.arange(len(self)))
+        flat = [c for caps in self.captions for c in caps]
+        ids = tokenize(flat, tokenizer, max_tokens, name=self.name)  # [M, L]
+        counts = torch.tensor([len(c) for c in self.captions], dtype=torch.long)
+        tokens = torch.full((len(self), int(counts.max()), ids.shape[1]), int(tokenizer.pad_token_id), dtype=torch.long)
+        at = torch.cumsum(counts, 0) - counts
+        for k in range(tokens.shape[1]):
+            has = counts > k
+            tokens[has, k] = ids[at[has] + k]
+        out.caption_ids, out.caption_counts, out.pad_id = tokens, counts, int(tokenizer.pad_token_id)
+        return out
 
     def __repr__(self) -> str:
         return (f"ImageCaptions({self.name!r}, {len(self)} images, {sum(map(len, self.captions))} captions, "
                 f"{self.channels}x{self.image_size}x{self.image_size})")
 
     def take(self, indices: Tensor) -> "ImageCaptions":
-        """Images ``indices`` with their captions and names, numbered 0..len-1, sharing these statistics."""
+        """Images ``indices`` with their captions and names (and token ids), numbered 0..len-1, sharing these
+        statistics."""
         idx = torch.as_tensor(indices, dtype=torch.long).flatten()
         keep = idx.tolist()
-        return ImageCaptions(self.pixels[idx], [self.captions[i] for i in keep], [self.image_names[i] for i in keep],
-                             name=self.name, size=self.image_size, mean=self.mean, std=self.std)
+        out = ImageCaptions(self.pixels[idx], [self.captions[i] for i in keep], [self.image_names[i] for i in keep],
+                            name=self.name, size=self.image_size, mean=self.mean, std=self.std)
+        if self.caption_ids is not None:
+            out.caption_ids, out.caption_counts, out.pad_id = self.caption_ids[idx], self.caption_counts[idx], self.pad_id
+        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,8 +282,6 @@ class _Member(io.BytesIO):
 def _flickr8k_files(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, list[str]], dict[str, object], str]:
     """``(captions, {"train": names, "dev": names}, image name -> path or file, where)`` from the unpacked
     folder or the archive under ``data_root(cfg)``."""
-    from contrastive.data.named import data_root
-
     root = data_root(cfg)
     folder, archive = root / FLICKR8K_FOLDER, root / FLICKR8K_ARCHIVE
     texts = (FLICKR8K_TOKENS, *FLICKR8K_LISTS.values())
@@ -305,6 +329,7 @@ def _flickr8k_files(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, li
     return captions, sides, images, where
 
 
+@register_dataset("flickr8k", "image-text")
 def flickr8k(cfg: DataConfig) -> Splits:
     """Flickr8k image-caption pairs: pretrain = the images of ``Flickr_8k.trainImages.txt`` (6,000), eval_test =
     those of ``Flickr_8k.devImages.txt`` (1,000), each in its list's order with its 5 captions; eval_train None.
@@ -330,6 +355,3 @@ def flickr8k(cfg: DataConfig) -> Splits:
     return Splits(train, None, dev, note=f"flickr8k ({where}): the {len(train):,} {FLICKR8K_LISTS['train']} images "
                                          f"for pretraining; retrieval scored on the {len(dev):,} "
                                          f"{FLICKR8K_LISTS['dev']} images (the test images are not in the archive)")
-
-flickr8k.modality = "image-text"  # type: ignore[attr-defined]  (read by data/modality.py before loading)
-register("datasets", "flickr8k")(flickr8k)

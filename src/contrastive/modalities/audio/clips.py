@@ -19,6 +19,8 @@ import logging
 import os
 import re
 import tarfile
+import wave
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -26,10 +28,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from contrastive.config import DataConfig, ViewConfig
-from contrastive.data.datasets import ImageDataset, Splits
+from contrastive.config import DataConfig
+from contrastive.data.datasets import SampleDataset, Splits
+from contrastive.data.locate import data_root
 from contrastive.errors import ConfigError, DataError
-from contrastive.registry import register
+from contrastive.modalities.base import register_dataset
+from contrastive.modalities.image.folder import IMAGE_EXTENSIONS
 
 log = logging.getLogger("contrastive.data")
 
@@ -84,9 +88,9 @@ def clip_stats(clips: Tensor) -> tuple[tuple[float], tuple[float]]:
     return (present.mean().item(),), (present.std(unbiased=False).item(),)
 
 
-class AudioClips(ImageDataset):
-    """Clips in memory, ``clips`` float32 ``[N, 1, T]`` NaN-padded (``images`` too: the trainer indexes it as it
-    indexes images), at ``sample_rate``; ``image_size`` is T, the length every item is served at.
+class AudioClips(SampleDataset):
+    """Clips in memory, ``clips`` float32 ``[N, 1, T]`` NaN-padded (the dataset's ``samples``, which the trainer
+    indexes), at ``sample_rate``; every item is served at the length T (``sample_shape`` [1, T]).
 
     ``labelings``: name -> (labels int64 [N], classes or None); ``label`` picks the one that ``labels`` and
     ``classes`` show (default: the first). ``mean``/``std``: of every sample, padding excluded (computed when
@@ -100,7 +104,7 @@ class AudioClips(ImageDataset):
                  std: Sequence[float] | None = None):
         if clips.dtype != torch.float32 or clips.ndim != 3 or clips.shape[1] != 1:
             raise ValueError(f"clips must be float32 [N, 1, T], got {clips.dtype} {list(clips.shape)}")
-        self.clips = self.images = clips
+        self.clips = self.samples = clips
         self.labelings = {k: (v[0].long(), v[1]) for k, v in labelings.items()}
         self.label = label or next(iter(self.labelings))
         if self.label not in self.labelings:
@@ -108,8 +112,7 @@ class AudioClips(ImageDataset):
         self.labels, self.classes = self.labelings[self.label]
         self.name = name
         self.sample_rate = sample_rate
-        self.channels = 1
-        self.image_size = clips.shape[-1]
+        self.sample_shape = (1, clips.shape[-1])
         if mean is None or std is None:
             mean, std = clip_stats(clips)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -118,7 +121,7 @@ class AudioClips(ImageDataset):
         return self.clips[i].clone(), int(self.labels[i]), i
 
     def __repr__(self) -> str:
-        return (f"AudioClips({self.name!r}, {len(self)} clips at {self.sample_rate} Hz, up to {self.image_size} "
+        return (f"AudioClips({self.name!r}, {len(self)} clips at {self.sample_rate} Hz, up to {self.sample_shape[1]} "
                 f"samples, label={self.label!r}, classes={self.num_classes})")
 
     def take(self, indices: Tensor) -> "AudioClips":
@@ -134,7 +137,8 @@ class AudioClips(ImageDataset):
                           mean=self.mean, std=self.std)
 
 
-def _read_all(named: Iterable[tuple[str, object]], where: str, skip_corrupt: bool) -> tuple[list[int], list[np.ndarray], int]:
+def _read_all(named: Iterable[tuple[str, object]], where: str,
+              skip_corrupt: bool) -> tuple[list[int], list[np.ndarray], int]:
     """(positions read, clips, sample rate) of ``(name, path or file)`` pairs; every clip must share one rate."""
     kept, clips, rates, bad = [], [], {}, []
     for i, (name, source) in enumerate(named):
@@ -169,8 +173,6 @@ def _wav_files(folder: Path) -> list[Path]:
 
 def is_audio_folder(path: Path) -> bool:
     """Whether ``path`` holds WAV files (at any depth) and no images: what makes a folder audio data."""
-    from contrastive.data.folder import IMAGE_EXTENSIONS
-
     wav = False
     for _, dirs, names in os.walk(path, followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
@@ -181,7 +183,56 @@ def is_audio_folder(path: Path) -> bool:
     return wav
 
 
-def open_wav_folder(root: Path, cfg: DataConfig, classes: list[str] | None = None) -> AudioClips:
+@dataclass(frozen=True)
+class WavSurvey:
+    """A WAV folder's files, read from the headers of an evenly spaced sample of them."""
+
+    folder: Path
+    clips: int
+    labelled: bool  # class sub-folders hold the files
+    classes: int | None
+    rate: int
+    typical: int  # the median length, in samples
+    long: int  # the 90th percentile length
+    sampled: int
+
+    def describe(self) -> str:
+        return (f"{self.rate:,} Hz, typically {self.typical:,} samples ({self.typical / self.rate:.2f} s; 90% at most "
+                f"{self.long / self.rate:.2f} s, of {self.sampled} sampled)")
+
+
+def _header(path: Path) -> tuple[int, int]:
+    """(sample rate, samples) of a WAV file from its header (the whole file for formats ``wave`` cannot read)."""
+    try:
+        with wave.open(str(path), "rb") as f:
+            return f.getframerate(), f.getnframes()
+    except (wave.Error, EOFError):
+        rate, samples = read_wav(path)
+        return rate, len(samples)
+
+
+def wav_survey(folder: Path, sample: int = 256) -> WavSurvey:
+    """Count the WAV files under ``folder`` and read the rate and length of at most ``sample`` of them."""
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder of WAV files")
+    per_class = {d.name: _wav_files(d) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    per_class = {k: v for k, v in per_class.items() if v}
+    files = [f for fs in per_class.values() for f in fs] if per_class else _wav_files(folder)
+    if not files:
+        raise DataError(f"no WAV files in {folder} or its sub-folders; point data.name at a folder of .wav files")
+    picked = files[::max(len(files) // sample, 1)][:sample]
+    headers = [_header(f) for f in picked]
+    rates = {r for r, _ in headers}
+    if len(rates) > 1:
+        raise DataError(f"{folder}: its clips are sampled at {sorted(rates)} Hz; the clips of one dataset share a "
+                        f"sample rate: resample them to one (e.g. with sox or scipy.signal.resample_poly)")
+    lengths = sorted(n for _, n in headers)
+    return WavSurvey(folder, len(files), bool(per_class), len(per_class) or None, rates.pop(),
+                     lengths[len(lengths) // 2], lengths[min(int(0.9 * len(lengths)), len(lengths) - 1)], len(picked))
+
+
+def open_wav_folder(root: Path, cfg: DataConfig, classes: list[str] | None = None,
+                    like: SampleDataset | None = None) -> AudioClips:
     """A folder of WAV files as clips in memory: sub-folders holding WAV files are classes (``classes`` given:
     labels index into that list, as ``folder.scan_folder``); a folder without any is unlabeled."""
     if cfg.in_memory is False:
@@ -212,8 +263,6 @@ def open_wav_folder(root: Path, cfg: DataConfig, classes: list[str] | None = Non
 
 def _fsdd_recordings(cfg: DataConfig) -> tuple[list[tuple[str, object]], str]:
     """``(name, path or file)`` of every recording, in name order, and where they were found."""
-    from contrastive.data.named import data_root
-
     root = data_root(cfg)
     folder, archive = root / FSDD_FOLDER, root / FSDD_ARCHIVE
     if folder.is_dir():
@@ -229,6 +278,7 @@ def _fsdd_recordings(cfg: DataConfig) -> tuple[list[tuple[str, object]], str]:
                     f"data.data_dir=<that folder>")
 
 
+@register_dataset("spoken-digits", "audio")
 def spoken_digits(cfg: DataConfig) -> Splits:
     """The Free Spoken Digit Dataset: train = recordings with index 5-49, test = index 0-4; labellings ``digit``
     and ``speaker``; normalisation statistics of the training clips."""
@@ -258,38 +308,31 @@ def spoken_digits(cfg: DataConfig) -> Splits:
                                              f"({len(train)}), 0-4 for testing ({len(test_ds)})")
 
 
-spoken_digits.modality = "audio"  # type: ignore[attr-defined]  (read by data/modality.py before loading)
-register("datasets", "spoken-digits")(spoken_digits)
-
 
 # --------------------------------------------------------------------------------------------------
 # views
 
 
 class AudioViews:
-    """``views.n_views`` random windows of ``views.window`` samples from every clip of a batch, on its device.
+    """``n_views`` random windows of ``window`` samples from every clip of a batch, on its device.
 
-    ``AudioViews(cfg, mean, std)(clips, generator)``: clips float32 ``[B, 1, T]`` NaN-padded -> one float32
-    ``[B, 1, window]`` per view, normalised by mean/std. A window starts uniformly where it fits inside its clip
-    (CPC samples its windows from longer utterances); a clip shorter than the window starts it and is followed
-    by NaN padding, which the encoder skips. ``views.gain_db`` scales each window by a random gain.
+    ``AudioViews(n_views, window, gain_db, mean, std)(clips, generator)``: clips float32 ``[B, 1, T]`` NaN-padded ->
+    one float32 ``[B, 1, window]`` per view, normalised by mean/std. A window starts uniformly where it fits inside
+    its clip (CPC samples its windows from longer utterances); a clip shorter than the window starts it and is
+    followed by NaN padding, which the encoder skips. ``gain_db`` [low, high] scales each window by a random gain.
     """
 
-    def __init__(self, cfg: ViewConfig, mean: Sequence[float], std: Sequence[float]):
-        if cfg.backend != "tensor":
-            raise ConfigError(f"views.backend={cfg.backend}: audio windows are cut batched on the training device; "
-                              f"use views.backend=tensor")
-        if cfg.groups is not None:
-            raise ConfigError("views.groups: audio views have no groups; give views.n_views and views.window")
-        if not isinstance(cfg.n_views, int) or cfg.n_views < 1:
-            raise ConfigError(f"views.n_views: expected an integer >= 1, got {cfg.n_views!r}")
-        if not isinstance(cfg.window, int) or cfg.window < 1:
-            raise ConfigError(f"views.window: expected a number of samples >= 1, got {cfg.window!r}")
-        g = cfg.gain_db
+    def __init__(self, n_views: int, window: int, gain_db: Sequence[float], mean: Sequence[float],
+                 std: Sequence[float]):
+        if not isinstance(n_views, int) or n_views < 1:
+            raise ConfigError(f"views.n_views: expected an integer >= 1, got {n_views!r}")
+        if not isinstance(window, int) or window < 1:
+            raise ConfigError(f"modalities.audio.window: expected a number of samples >= 1, got {window!r}")
+        g = gain_db
         if not (isinstance(g, (list, tuple)) and len(g) == 2 and all(isinstance(v, (int, float)) for v in g)
                 and g[0] <= g[1]):
-            raise ConfigError(f"views.gain_db: expected [low, high] in dB with low <= high, got {g!r}")
-        self.window, self.count, self.n_global, self.size = cfg.window, cfg.n_views, cfg.n_views, cfg.window
+            raise ConfigError(f"modalities.audio.gain_db: expected [low, high] in dB with low <= high, got {g!r}")
+        self.window, self.count, self.n_global, self.size = window, n_views, n_views, window
         self.gain_db = (float(g[0]), float(g[1]))
         self.mean, self.std = float(mean[0]), float(std[0])
 

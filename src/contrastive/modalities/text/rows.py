@@ -1,7 +1,7 @@
 """Sentence data as the trainer serves it: rows of one sentence, or of a tuple (a pair, a triple), tokenised once.
 
 A :class:`TextRows` dataset holds its rows as strings until the text modality tokenises them with the encoder's
-own tokenizer (``tokenized``): then ``images`` is one int64 tensor of token ids, ``[N, L]`` for sentences or
+own tokenizer (``tokenized``): then ``samples`` is one int64 tensor of token ids, ``[N, L]`` for sentences or
 ``[N, k, L]`` for k-tuples, padded with the tokenizer's padding id to the longest row and cut at the encoder's
 ``max_tokens``. The trainer indexes it like an image tensor; the views cut every batch to its own longest
 sentence (``data/modality.py``), so a batch of short sentences costs what short sentences cost.
@@ -10,7 +10,7 @@ Sources (``data.name``):
 
 - ``sts-sentences``: the distinct sentences of STS-B train and SICK train (both sides of every pair, 15,337),
   unlabeled: unsupervised SimCSE's corpus in miniature (the paper uses 10^6 Wikipedia sentences);
-- ``sick-triples``: SICK train's (premise, entailment, contradiction) triples (``data.text.sick_triples``), the
+- ``sick-triples``: SICK train's (premise, entailment, contradiction) triples (``readers.sick_triples``), the
   supervised SimCSE data of the shared set (the paper uses SNLI + MNLI, 275k triples);
 - a ``.txt`` file: one sentence a line (SimCSE's wiki1m format);
 - a ``.csv`` / ``.tsv`` file: rows of 1, 2 or 3 sentences (sentences, positive pairs, or triples with a hard
@@ -33,10 +33,11 @@ from torch import Tensor
 
 from contrastive import distributed
 from contrastive.config import DataConfig
-from contrastive.data.datasets import ImageDataset, Splits
-from contrastive.data.text import _read_lines, read_sentences, read_sick, read_stsb, sick_triples
+from contrastive.data.datasets import SampleDataset, Splits
+from contrastive.data.locate import DEFAULT_ROOT, data_root
 from contrastive.errors import DataError
-from contrastive.registry import register
+from contrastive.modalities.base import register_dataset
+from contrastive.modalities.text.readers import _read_lines, read_sentences, read_sick, read_stsb, sick_triples
 
 log = logging.getLogger("contrastive.data")
 
@@ -46,15 +47,12 @@ TEXT_SUFFIXES = (".txt", ".csv", ".tsv")
 SIMCSE_HEADERS = (["sent0"], ["sent0", "sent1"], ["sent0", "sent1", "hard_neg"])
 
 
-class TextRows(ImageDataset):
+class TextRows(SampleDataset):
     """Rows of sentences (``str``) or of k-tuples of sentences, with labels (-1: none).
 
     Untokenised, items cannot be served; ``tokenized(tokenizer, max_tokens)`` gives the served copy."""
 
     modality = "text"
-    channels = 1
-    mean = (0.0,)
-    std = (1.0,)
 
     def __init__(self, rows: Sequence[str | tuple[str, ...]], labels: Tensor | None = None, *, name: str,
                  classes: list[str] | None = None, tokens: Tensor | None = None, pad_id: int | None = None,
@@ -69,29 +67,30 @@ class TextRows(ImageDataset):
         self.labels = torch.full((len(rows),), -1, dtype=torch.long) if labels is None else labels.long()
         self.name = name
         self.classes = classes
-        self.images = tokens
+        self.samples = tokens
         self.pad_id = pad_id
         self.tokenizer = tokenizer  # the directory of the tokenizer that made ``images``
         self.max_tokens = max_tokens  # what the rows were truncated at
 
     @property
-    def image_size(self) -> int:
-        """Tokens of the longest row (0 before tokenising)."""
-        return 0 if self.images is None else int(self.images.shape[-1])
+    def sample_shape(self) -> tuple[int, ...]:
+        """[L] (sentences) or [k, L] (k-tuples), L the tokens of the longest row (0 before tokenising)."""
+        length = 0 if self.samples is None else int(self.samples.shape[-1])
+        return (length,) if self.width == 1 else (self.width, length)
 
     def __repr__(self) -> str:
         what = "sentences" if self.width == 1 else f"{self.width}-tuples of sentences"
-        return f"TextRows({self.name!r}, {len(self)} {what}, tokenised={self.images is not None})"
+        return f"TextRows({self.name!r}, {len(self)} {what}, tokenised={self.samples is not None})"
 
     def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
-        if self.images is None:
+        if self.samples is None:
             raise DataError(f"{self.name}: the sentences are not tokenised yet (TextRows.tokenized)")
-        return self.images[i], int(self.labels[i]), i
+        return self.samples[i], int(self.labels[i]), i
 
     def tokenized(self, tokenizer: Any, max_tokens: int, tokenizer_path: str | None = None) -> "TextRows":
         """A copy holding the token ids of every row under ``tokenizer`` (a Hugging Face tokenizer), truncated
         to ``max_tokens`` and padded to the longest row."""
-        if self.images is not None and (self.tokenizer, self.max_tokens) == (tokenizer_path, max_tokens):
+        if self.samples is not None and (self.tokenizer, self.max_tokens) == (tokenizer_path, max_tokens):
             return self
         tokens = tokenize(self.rows, tokenizer, max_tokens, name=self.name)
         return TextRows(self.rows, self.labels, name=self.name, classes=self.classes, tokens=tokens,
@@ -100,7 +99,7 @@ class TextRows(ImageDataset):
     def take(self, indices: Sequence[int]) -> "TextRows":
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         return TextRows([self.rows[i] for i in idx.tolist()], self.labels[idx], name=self.name,
-                        classes=self.classes, tokens=None if self.images is None else self.images[idx],
+                        classes=self.classes, tokens=None if self.samples is None else self.samples[idx],
                         pad_id=self.pad_id, tokenizer=self.tokenizer, max_tokens=self.max_tokens)
 
 
@@ -141,8 +140,6 @@ def tokenize(rows: Sequence[str | tuple[str, ...]], tokenizer: Any, max_tokens: 
 def text_root(cfg: DataConfig) -> Path:
     """The unpacked ``text/`` folder of the shared STS and SentEval sets: ``data.data_dir``'s ``text/``, or its
     ``text-sts-senteval.tar.gz`` unpacked once into the cache folder (``~/.cache/contrastive/data``)."""
-    from contrastive.data.named import DEFAULT_ROOT, data_root
-
     root = data_root(cfg)
     folder, archive = root / TEXT_FOLDER, root / TEXT_ARCHIVE
     if (folder / "stsb").is_dir():
@@ -150,7 +147,7 @@ def text_root(cfg: DataConfig) -> Path:
     if not archive.is_file():
         raise DataError(f"the STS and SentEval sets are not in {root}: neither {folder}/ nor {archive} exists; pass "
                         f"data.data_dir=<the folder holding {TEXT_ARCHIVE} or its unpacked text/>, or turn the "
-                        f"text evaluation off (eval.sts=[] eval.senteval=[])")
+                        f"text evaluation off (modalities.text.sts=[] modalities.text.senteval=[])")
     cache = Path(DEFAULT_ROOT).expanduser() / "text-sts-senteval"
     done = cache / ".unpacked"
     with distributed.main_first():
@@ -181,8 +178,8 @@ def sts_sentences(cfg: DataConfig) -> Splits:
     rows = list(dict.fromkeys(s for p in pairs for s in (p.first, p.second)))
     return Splits(TextRows(rows, name="sts-sentences"), None, None,
                   note=f"pretraining on the {len(rows):,} distinct sentences of STS-B train and SICK train "
-                       f"(unlabeled); the text evaluation reads STS-B dev, SICK test and SentEval (eval.sts, "
-                       f"eval.senteval)")
+                       f"(unlabeled); the text evaluation reads STS-B dev, SICK test and SentEval (modalities.text.sts, "
+                       f"modalities.text.senteval)")
 
 
 def sick_triple_rows(cfg: DataConfig) -> Splits:
@@ -191,12 +188,11 @@ def sick_triple_rows(cfg: DataConfig) -> Splits:
     rows = [(t.premise, t.entailment, t.contradiction) for t in triples]
     return Splits(TextRows(rows, name="sick-triples"), None, None,
                   note=f"pretraining on {len(rows)} (premise, entailment, contradiction) triples of SICK train; the "
-                       f"text evaluation reads STS-B dev, SICK test and SentEval (eval.sts, eval.senteval)")
+                       f"text evaluation reads STS-B dev, SICK test and SentEval (modalities.text.sts, modalities.text.senteval)")
 
 
 for _name, _fn in (("sts-sentences", sts_sentences), ("sick-triples", sick_triple_rows)):
-    _fn.modality = "text"  # type: ignore[attr-defined]  (read by data/modality.py before loading)
-    register("datasets", _name)(_fn)
+    register_dataset(_name, "text")(_fn)
 
 
 def is_text_file(path: Path) -> bool:
@@ -235,4 +231,4 @@ def open_text_file(path: Path) -> Splits:
     what = "sentences" if isinstance(rows[0], str) else f"rows of {len(rows[0])} sentences"
     return Splits(TextRows(rows, name=str(path)), None, None,
                   note=f"{path}: {len(rows):,} {what} (unlabeled); the text evaluation reads STS-B dev, SICK test "
-                       f"and SentEval from data.data_dir (eval.sts, eval.senteval)")
+                       f"and SentEval from data.data_dir (modalities.text.sts, modalities.text.senteval)")

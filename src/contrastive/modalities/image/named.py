@@ -1,8 +1,8 @@
-"""Named datasets, each registered as a loader ``(cfg: DataConfig) -> Splits``.
+"""Named image datasets, each registered as a loader ``(cfg: DataConfig) -> Splits``.
 
-Files are read in their original formats from ``data.data_dir`` (default ``~/.cache/contrastive/data``);
-torchvision downloads them there only when they are missing and ``data.download`` is on, so nothing touches
-the network when the files exist. Normalisation statistics are the datasets' usual published constants
+Files are read in their original formats from ``data.data_dir`` (``data/locate.py``); torchvision downloads them
+there only when they are missing and ``data.download`` is on, so nothing touches the network when the files
+exist. Normalisation statistics are the datasets' usual published constants
 (per-pixel mean and std of the training images); digits', being computed, are over all 1797 images.
 """
 
@@ -13,19 +13,19 @@ import gzip
 import pickle
 import struct
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from contrastive import distributed
 from contrastive.config import DataConfig
-from contrastive.data.datasets import Concat, Splits, TensorImages, decide_in_memory, resize_images
+from contrastive.data.datasets import Splits
+from contrastive.data.locate import data_root, locate, torchvision_download
 from contrastive.errors import DataError
-from contrastive.registry import register
+from contrastive.modalities.base import register_dataset
+from contrastive.modalities.image.datasets import Concat, TensorImages, decide_in_memory, resize_images
 
-DEFAULT_ROOT = Path("~/.cache/contrastive/data")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 MNIST_STATS = ((0.1307,), (0.3081,))
@@ -48,52 +48,6 @@ STL10_FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabe
 SHAPES = {"digits": (1, 8, 1437), "fashion-mnist": (1, 28, 60000), "mnist": (1, 28, 60000),
           "cifar10": (3, 32, 50000), "cifar100": (3, 32, 50000), "stl10": (3, 96, 105000)}
 CLASSES = {"digits": 10, "fashion-mnist": 10, "mnist": 10, "cifar10": 10, "cifar100": 100, "stl10": 10}
-
-
-def data_root(cfg: DataConfig) -> Path:
-    return Path(cfg.data_dir or DEFAULT_ROOT).expanduser()
-
-
-def _locate(dataset: str, cfg: DataConfig, places: list[Path], complete: Callable[[Path], bool],
-            expected: str, download: Callable[[Path], None]) -> Path:
-    """The first of ``places`` that is ``complete``; else download into ``data_root(cfg)`` (when allowed)
-    and look again; else a DataError naming every place looked and what to do. Under torchrun rank 0 looks
-    (and downloads) first and the other processes look after it; each then reads the files itself."""
-    with distributed.main_first():
-        return _locate_or_download(dataset, cfg, places, complete, expected, download)
-
-
-def _locate_or_download(dataset: str, cfg: DataConfig, places: list[Path], complete: Callable[[Path], bool],
-                        expected: str, download: Callable[[Path], None]) -> Path:
-    found = next((p for p in places if complete(p)), None)
-    if found is not None:
-        return found
-    root = data_root(cfg)
-    if not cfg.download:
-        reason = ("Downloading is off (data.download=false). Pass data.data_dir=<folder holding them>, or "
-                  f"data.download=true to download them through torchvision into {root}")
-    else:
-        try:
-            download(root)
-        # Whatever broke (network, disk, a checksum), the remedy is the same: put the files in place.
-        except Exception as e:  # noqa: BLE001
-            reason = f"Downloading through torchvision into {root} failed ({type(e).__name__}: {e})"
-        else:
-            found = next((p for p in places if complete(p)), None)
-            if found is not None:
-                return found
-            reason = f"Torchvision's download into {root} did not leave them there"
-        reason += "; put the files in place and pass data.data_dir=<folder holding them>"
-    raise DataError(f"{dataset}: {expected} not found; looked in {', '.join(str(p) for p in places)}. {reason}.")
-
-
-def _torchvision_download(cls_name: str, **kwargs: Any) -> Callable[[Path], None]:
-    def download(root: Path) -> None:
-        import torchvision.datasets
-
-        getattr(torchvision.datasets, cls_name)(str(root), download=True, **kwargs)
-
-    return download
 
 
 def _tensor_dataset(pixels: Tensor, labels: Tensor, cfg: DataConfig, *, name: str, classes: list[str],
@@ -121,7 +75,7 @@ def _official(dataset: str, cfg: DataConfig, train: tuple[Tensor, Tensor], test:
 # digits
 
 
-@register("datasets", "digits")
+@register_dataset("digits", "image")
 def digits(cfg: DataConfig) -> Splits:
     """scikit-learn's bundled 8x8 digits (1797 images, 0..16 scaled to 0..255), upsampled (bilinear) to
     ``image_size`` (default 32) so random crops have room; a seeded, stratified 80/20 train/test split."""
@@ -187,13 +141,13 @@ _IDX_EXPECTED = "the idx files (train-images-idx3-ubyte, train-labels-idx1-ubyte
                 "t10k-labels-idx1-ubyte; plain or .gz)"
 
 
-@register("datasets", "fashion-mnist")
+@register_dataset("fashion-mnist", "image")
 def fashion_mnist(cfg: DataConfig) -> Splits:
     """Fashion-MNIST's idx files, in data_dir, its torchvision layout FashionMNIST/raw, or the Debian
     package's /usr/share/datasets/fashion-mnist; 60k/10k, 1 channel, 28 px."""
     root = data_root(cfg)
-    folder = _locate("fashion-mnist", cfg, [root, root / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST], _has_idx,
-                     _IDX_EXPECTED, _torchvision_download("FashionMNIST"))
+    folder = locate("fashion-mnist", cfg, [root, root / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST], _has_idx,
+                     _IDX_EXPECTED, torchvision_download("FashionMNIST"))
     return _official("fashion-mnist", cfg, _read_idx_split(folder, "train"), _read_idx_split(folder, "test"),
                      FASHION_MNIST_CLASSES, FASHION_MNIST_STATS)
 
@@ -215,14 +169,14 @@ def _read_mnist_pickle(path: Path) -> tuple[tuple[Tensor, Tensor], tuple[Tensor,
     return (torch.cat([tx, vx]), torch.cat([ty, vy])), (sx, sy)
 
 
-@register("datasets", "mnist")
+@register_dataset("mnist", "image")
 def mnist(cfg: DataConfig) -> Splits:
     """MNIST from data_dir: the classic mnist.pkl.gz, or the idx files (torchvision's MNIST/raw layout);
     60k/10k, 1 channel, 28 px."""
     root = data_root(cfg)
     places = [root / "mnist.pkl.gz", root / "MNIST" / "raw", root]
-    source = _locate("mnist", cfg, places, lambda p: p.is_file() if p.name.endswith(".pkl.gz") else _has_idx(p),
-                     "mnist.pkl.gz or " + _IDX_EXPECTED, _torchvision_download("MNIST"))
+    source = locate("mnist", cfg, places, lambda p: p.is_file() if p.name.endswith(".pkl.gz") else _has_idx(p),
+                     "mnist.pkl.gz or " + _IDX_EXPECTED, torchvision_download("MNIST"))
     if source.name.endswith(".pkl.gz"):
         train, test = _read_mnist_pickle(source)
     else:
@@ -256,22 +210,22 @@ def _cifar(dataset: str, cfg: DataConfig, folder_name: str, train_files: list[st
            meta: tuple[str, str], label_key: str, tv_class: str,
            stats: tuple[tuple[float, ...], tuple[float, ...]]) -> Splits:
     names = [*train_files, test_file, meta[0]]
-    folder = _locate(dataset, cfg, [data_root(cfg) / folder_name],
+    folder = locate(dataset, cfg, [data_root(cfg) / folder_name],
                      lambda p: all((p / n).is_file() for n in names),
-                     f"{folder_name}/ ({', '.join(names)})", _torchvision_download(tv_class))
+                     f"{folder_name}/ ({', '.join(names)})", torchvision_download(tv_class))
     classes = [c.decode() if isinstance(c, bytes) else c for c in _unpickle(folder / meta[0])[meta[1]]]
     return _official(dataset, cfg, _read_cifar([folder / n for n in train_files], label_key),
                      _read_cifar([folder / test_file], label_key), classes, stats)
 
 
-@register("datasets", "cifar10")
+@register_dataset("cifar10", "image")
 def cifar10(cfg: DataConfig) -> Splits:
     """CIFAR-10 in torchvision's python format (data_dir/cifar-10-batches-py); 50k/10k, 32 px."""
     return _cifar("cifar10", cfg, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
                   ("batches.meta", "label_names"), "labels", "CIFAR10", CIFAR10_STATS)
 
 
-@register("datasets", "cifar100")
+@register_dataset("cifar100", "image")
 def cifar100(cfg: DataConfig) -> Splits:
     """CIFAR-100 (fine labels) in torchvision's python format (data_dir/cifar-100-python); 50k/10k, 32 px."""
     return _cifar("cifar100", cfg, "cifar-100-python", ["train"], "test", ("meta", "fine_label_names"),
@@ -298,14 +252,14 @@ def _stl10_labels(path: Path) -> Tensor:
     return torch.from_numpy(np.fromfile(path, dtype=np.uint8).astype(np.int64) - 1)  # stored 1..10
 
 
-@register("datasets", "stl10")
+@register_dataset("stl10", "image")
 def stl10(cfg: DataConfig) -> Splits:
     """STL-10's binary format (data_dir/stl10_binary), 96 px: pretraining on train + unlabeled (5k + 100k,
     the unlabeled with label -1); evaluation on the official train (5k) / test (8k) split. Without
     ``cfg.in_memory`` (or, unset, when they would not fit) the images stay memory-mapped."""
-    folder = _locate("stl10", cfg, [data_root(cfg) / "stl10_binary"],
+    folder = locate("stl10", cfg, [data_root(cfg) / "stl10_binary"],
                      lambda p: all((p / n).is_file() for n in STL10_FILES),
-                     f"stl10_binary/ ({', '.join(STL10_FILES)})", _torchvision_download("STL10", split="train"))
+                     f"stl10_binary/ ({', '.join(STL10_FILES)})", torchvision_download("STL10", split="train"))
     names_file = folder / "class_names.txt"
     classes = names_file.read_text().split() if names_file.is_file() else STL10_CLASSES
     train_x, unlabeled_x, test_x = (_stl10_images(folder / n) for n in ("train_X.bin", "unlabeled_X.bin",

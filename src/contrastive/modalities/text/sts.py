@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from contrastive.data.text import Pair, TextCollate
 from contrastive.errors import DataError
+from contrastive.modalities.text.readers import Pair, TextCollate
 
 
 def average_ranks(x: Tensor) -> Tensor:

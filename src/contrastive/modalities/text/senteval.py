@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from contrastive.config import EvalConfig
-from contrastive.data.text import SENTEVAL_TASKS, read_senteval
 from contrastive.errors import ConfigError, DataError
 from contrastive.evaluation.knn import knn_device, knn_top1
 from contrastive.evaluation.linear import linear_probe
+from contrastive.modalities.text.readers import SENTEVAL_TASKS, read_senteval
 
 PROTOCOLS = ("knn", "linear")
 _EVAL_DEFAULTS = {f.name: f.default for f in fields(EvalConfig)}
@@ -84,7 +84,7 @@ def probe_task(
 ) -> dict[str, Any]:
     """Score one task's frozen features with the weighted kNN and/or the linear probe.
 
-    ``features`` and ``labels`` are keyed by split as :func:`contrastive.data.text.read_senteval` gives them:
+    ``features`` and ``labels`` are keyed by split as :func:`contrastive.modalities.text.readers.read_senteval` gives them:
     ``features[split] [n, D]``, ``labels[split] int [n]`` with classes ``0..C-1``. With ``train`` and ``test``
     (TREC, SST-2, SST-5) the classifiers are fitted on train and scored once on test; a ``dev`` split, when
     present, is unused (the settings are fixed, not tuned on it). With only ``all`` (MR, CR, SUBJ, MPQA) the

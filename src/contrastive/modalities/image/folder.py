@@ -18,9 +18,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from contrastive.config import DataConfig
-from contrastive.data.datasets import (ImageDataset, MeasuredStats, TensorImages, channel_stats, decide_in_memory,
-                                       stats_indices)
 from contrastive.errors import DataError
+from contrastive.modalities.image.datasets import (
+    ImageDataset,
+    MeasuredStats,
+    TensorImages,
+    channel_stats,
+    decide_in_memory,
+    stats_indices,
+)
 
 log = logging.getLogger("contrastive.data")
 
