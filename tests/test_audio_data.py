@@ -265,5 +265,5 @@ def test_a_wav_folder_without_a_recipe_gets_the_methods_recipe_and_settings_from
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["modality"] == "audio" and res["steps"] == 43 // 8 and 0 <= res["knn_top1"] <= 1
     assert "mfcc_knn_top1" in res
-    with pytest.raises(ConfigError, match="simclr does not train on sound; methods for audio: cpc-audio"):
+    with pytest.raises(ConfigError, match="simclr does not train on it; methods for audio data: cpc-audio"):
         resolve_config(tree={"data": {"name": folder}}, overrides=["train.device=cpu"])

@@ -155,7 +155,7 @@ def test_sentences_without_a_recipe_take_the_methods_own(tmp_path):
     cfg = resolve_config(tree={"method": {"name": "simcse"}, "data": {"name": str(corpus)}})
     assert cfg.backbone["name"] == "minilm" and cfg.optim.lr == 1e-5  # configs/simcse.yaml, nothing derived
     assert cfg.auto["recipe"].startswith("simcse.yaml: the method's recipe for text data")
-    with pytest.raises(ConfigError, match="triplet does not train on them; methods for text: simcse, simcse-sup"):
+    with pytest.raises(ConfigError, match="triplet does not train on it; methods for text data: simcse, simcse-sup"):
         api.pretrain(resolve_config(tree={"method": {"name": "triplet"}, "data": {"name": str(corpus)},
                                           "train": {"output": str(tmp_path / "bad")}}))
 
@@ -165,9 +165,9 @@ def test_a_caption_folder_without_a_recipe_takes_clips_own_with_the_batch_fitted
     folder = _caption_folder(tmp_path / "captioned")
     cfg = resolve_config(tree={"method": {"name": "clip"}, "data": {"name": str(folder)}},
                          overrides=["train.device=cpu"])
-    assert cfg.auto["recipe"].startswith("clip.yaml: the method's recipe for image-caption pairs")
+    assert cfg.auto["recipe"].startswith("clip.yaml: the method's recipe for image-text data")
     assert cfg.method["text"]["name"] == "minilm" and cfg.backbone["name"] == "resnet18"  # configs/clip.yaml
     # 24 images, 2 held out (data.holdout 0.1): 22 to pretrain on, at least 4 steps an epoch -> 4
     assert cfg.train.batch_size == 4 and "over 22 images" in cfg.auto["train.batch_size"]
-    with pytest.raises(ConfigError, match="simclr does not train on them; methods for image-caption data: clip"):
+    with pytest.raises(ConfigError, match="simclr does not train on it; methods for image-text data: clip"):
         resolve_config(tree={"data": {"name": str(folder)}}, overrides=["train.device=cpu"])

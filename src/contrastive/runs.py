@@ -11,8 +11,6 @@ run reads it here. Both files are read with ``weights_only``, so a file from els
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from torch import nn
 
 from contrastive.config import Config, config_from_tree, to_dict
 from contrastive.errors import CheckpointError
+from contrastive.files import atomic_write_text
 from contrastive.methods import build_method
 from contrastive.methods.base import BuildContext, Method
 from contrastive.modalities import modality_named
@@ -126,34 +125,11 @@ def save_encoder(method: Method, cfg: Config, ctx: BuildContext, preprocess: Any
                         "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()}}, path)
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """``text`` into ``path`` through a temporary file in the same folder and a rename, so a kill or a full disk
-    never leaves half a file where a whole one was."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from the user's group
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_results(results: dict, folder: str | Path) -> Path:
     """results.json, written atomically."""
-    return write_text(Path(folder) / "results.json", json.dumps(results, indent=2) + "\n")
+    return atomic_write_text(Path(folder) / "results.json", json.dumps(results, indent=2) + "\n")
 
 
 def write_config(cfg: Config, path: str | Path) -> Path:
     """config.yaml (or ``path``): the whole run config, written atomically."""
-    return write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,19 +9,12 @@ import torch
 from torch import Tensor
 
 from contrastive.errors import DataError
+from contrastive.files import atomic_write
 
 
 def _atomic_save(array: np.ndarray, path: Path) -> None:
-    # A reader never sees a half-written file: write beside the target, then rename over it (same
-    # filesystem, so os.replace is atomic).
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """A reader never sees a half-written file (``files.atomic_write``)."""
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 def labels_path(path: str | Path) -> Path:

@@ -312,6 +312,19 @@ class Modality:
         raise ConfigError(f"{data.name} holds {self.name} data, for which no settings are derived; pass a recipe "
                           f"with --config")
 
+    def own_recipe(self, method: str, data: DataConfig, reasons: Reasons) -> dict:
+        """``configs/<method>.yaml`` of a method that trains on this kind of data (``MethodSpec.data``): where
+        nothing but the batch is derived from the data. A ConfigError names the methods that do train on it."""
+        takers = methods_for(self.name)
+        if method not in takers:
+            raise ConfigError(f"{data.name} holds {self.name} data, and {method} does not train on it; methods for "
+                              f"{self.name} data: {', '.join(takers)}")
+        recipe, _ = reasons.recipe(method, [f"{method}.yaml"], [], f"recipe for {self.name} data")
+        if not recipe:
+            raise ConfigError(f"{data.name} holds {self.name} data and {method} has no recipe for it "
+                              f"(configs/{method}.yaml); pass a recipe with --config")
+        return recipe
+
     def planned(self, cfg: Config, shape: DataShape, device: torch.device) -> tuple[tuple[int, ...], Trial]:
         """(the encoder's input shape, the memory check's trial) of ``cfg`` on data of ``shape``, before reading
         it."""

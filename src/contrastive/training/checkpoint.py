@@ -8,10 +8,8 @@ states, so that resuming continues exactly as if the run had never stopped. Its 
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +17,15 @@ import numpy as np
 import torch
 
 from contrastive.errors import CheckpointError
+from contrastive.files import atomic_write
 
 FORMAT_VERSION = 2  # 2: weights-only contents, method state from the widened method contract
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash mid-write leaves the previous checkpoint intact, never a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """torch.save through ``files.atomic_write``: a crash mid-write leaves the previous checkpoint intact, never a
+    truncated one."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def to_cpu(obj: Any) -> Any:

@@ -223,8 +223,8 @@ class AudioModality(Modality):
         encoder's strides cut to keep 10 ms frames at that rate, a narrower encoder and at most CPU_MAX_EPOCHS on a
         CPU."""
         if method not in methods_for(self.name):
-            raise ConfigError(f"{data.name} holds audio, and {method} does not train on sound; methods for audio: "
-                              f"{', '.join(methods_for(self.name))}")
+            raise ConfigError(f"{data.name} holds audio data, and {method} does not train on it; methods for audio "
+                              f"data: {', '.join(methods_for(self.name))}")
         shape = self.probe(data, evaluate=get_key(layer, "eval.enabled") is not False)
         cpu = device.type == "cpu"
         reasons = Reasons()

@@ -258,15 +258,8 @@ class ImageTextModality(ImageModality):
     def derive(self, method: str, data: DataConfig, layer: dict, device: torch.device
                ) -> tuple[dict, Reasons, DataShape]:
         """The method's own recipe for image-caption pairs; the batch is fitted by ``autoconfig``."""
-        if method not in methods_for(self.name):
-            raise ConfigError(f"{data.name} holds image-caption pairs, and {method} does not train on them; methods "
-                              f"for image-caption data: {', '.join(methods_for(self.name))}")
         reasons = Reasons()
-        recipe, _ = reasons.recipe(method, [f"{method}.yaml"], [], "recipe for image-caption pairs")
-        if not recipe:
-            raise ConfigError(f"{data.name} holds image-caption data and {method} has no recipe for it "
-                              f"(configs/{method}.yaml); pass a recipe with --config")
-        return recipe, reasons, self.probe(data)
+        return self.own_recipe(method, data, reasons), reasons, self.probe(data)
 
     def planned(self, cfg: Config, shape: DataShape, device: torch.device) -> tuple[tuple[int, ...], Trial]:
         """One crop and one caption of at most the text tower's length per image."""

@@ -19,7 +19,7 @@ from contrastive.errors import ConfigError, DataError
 from contrastive.evaluation import save_embeddings
 from contrastive.methods import method_config, method_spec
 from contrastive.methods.base import Method
-from contrastive.modalities.base import DataShape, Modality, Reasons, Trial, methods_for, register_modality
+from contrastive.modalities.base import DataShape, Modality, Reasons, Trial, register_modality
 from contrastive.modalities.text.rows import (
     TEXT_SUFFIXES,
     TextRows,
@@ -271,15 +271,8 @@ class TextModality(Modality):
     def derive(self, method: str, data: DataConfig, layer: dict, device: torch.device
                ) -> tuple[dict, Reasons, DataShape]:
         """The method's own recipe: nothing is derived from sentences but the batch (``autoconfig``)."""
-        if method not in methods_for(self.name):
-            raise ConfigError(f"{data.name} holds sentences, and {method} does not train on them; methods for text: "
-                              f"{', '.join(methods_for(self.name))}")
         reasons = Reasons()
-        recipe, _ = reasons.recipe(method, [f"{method}.yaml"], [], "recipe for text data")
-        if not recipe:
-            raise ConfigError(f"{data.name} holds text data and {method} has no recipe for it (configs/{method}.yaml); "
-                              f"pass a recipe with --config")
-        return recipe, reasons, self.probe(data)
+        return self.own_recipe(method, data, reasons), reasons, self.probe(data)
 
 
 TEXT = register_modality(TextModality())
