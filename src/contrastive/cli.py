@@ -22,15 +22,16 @@ from contrastive.config import Config, DataConfig, build_dataclass, to_dict
 from contrastive.configure import resolve_config
 from contrastive.errors import ConfigError, ContrastiveError
 from contrastive.methods import method_config
-from contrastive.modalities import modality_named
+from contrastive.modalities import modalities, modality_named
 from contrastive.nn.backbones import backbone_config
 from contrastive.registry import names
 from contrastive.training.checkpoint import load_checkpoint
 
 
 def _data_flags(p: argparse.ArgumentParser, *, pretrain: bool) -> None:
-    p.add_argument("--data", help="dataset name (digits, fashion-mnist, mnist, cifar10, cifar100, stl10) or "
-                   "image-folder path" + ("; default digits" if pretrain else "; or give --train-data instead"))
+    paths = "; ".join(m.accepts for m in modalities() if m.accepts)
+    p.add_argument("--data", help=f"dataset name ({', '.join(names('datasets'))}) or a path ({paths})"
+                   + ("; default digits" if pretrain else "; or give --train-data instead"))
     p.add_argument("--data-dir", help="folder holding a named dataset's files (or to download them into)")
     p.add_argument("--train-data", help="labelled data for the evaluation's training side")
     p.add_argument("--test-data", help="labelled data to evaluate on")

@@ -30,9 +30,10 @@ def _f(default: Any, help: str) -> Any:
 
 @dataclass
 class DataConfig:
-    name: str = _f("digits", "Dataset to pretrain on: digits, fashion-mnist, mnist, cifar10, cifar100, stl10, "
-                   "spoken-digits (audio), or a path to a folder of images or of WAV files (class sub-folders "
-                   "optional; unlabeled data is fine).")
+    name: str = _f("digits", "Dataset to pretrain on: a named dataset (digits, fashion-mnist, mnist, cifar10, "
+                   "cifar100, stl10; spoken-digits; sts-sentences, sick-triples; flickr8k), or a path: a folder of "
+                   "images or of WAV files (class sub-folders optional; unlabeled data is fine), a folder of images "
+                   "with a captions file, a text file. The kind of data it holds decides the rest (modalities/).")
     data_dir: str | None = _f(None, "Where a named dataset's files live (or are downloaded to); None uses the "
                               "dataset's usual place (see the dataset's docs).")
     train_data: str | None = _f(None, "Labelled data for the evaluation's training side (kNN bank, probe "

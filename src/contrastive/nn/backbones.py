@@ -26,7 +26,7 @@ from contrastive.registry import lookup
 class BackboneSpec:
     config_class: type
     build: Callable[..., tuple[nn.Module, int]]  # (cfg, input_shape) -> (module, feature_dim)
-    reads: str = "image"  # the kind of input: a registered modality's ``reads`` (image, audio, text)
+    reads: str  # the kind of input: a registered modality's ``reads`` (image, audio, text)
 
 
 def backbone_config(section: Mapping[str, Any], where: str = "backbone") -> tuple[str, Any]:

@@ -132,5 +132,5 @@ def small_cnn(cfg: SmallCNNConfig, input_shape: tuple[int, ...]) -> tuple[nn.Mod
 
 
 for _name, _build in (("resnet18", resnet18), ("resnet34", resnet34), ("resnet50", resnet50)):
-    register("backbones", _name)(BackboneSpec(ConvNetConfig, _build))
-register("backbones", "small_cnn")(BackboneSpec(SmallCNNConfig, small_cnn))
+    register("backbones", _name)(BackboneSpec(ConvNetConfig, _build, reads="image"))
+register("backbones", "small_cnn")(BackboneSpec(SmallCNNConfig, small_cnn, reads="image"))

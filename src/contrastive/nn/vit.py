@@ -149,4 +149,4 @@ def _builder(name: str):
 
 
 for _name in SIZES:
-    register("backbones", _name)(BackboneSpec(ViTConfig, _builder(_name)))
+    register("backbones", _name)(BackboneSpec(ViTConfig, _builder(_name), reads="image"))
