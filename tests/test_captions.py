@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shared_data import shared_file
 
 from contrastive.config import DataConfig
 from contrastive.errors import ConfigError, DataError
@@ -25,9 +26,6 @@ from contrastive.modalities.image_text.captions import (
     read_captions,
 )
 from contrastive.registry import lookup
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 
 # ------------------------------------------------------------------------------------------------ captions files
 
@@ -232,15 +230,14 @@ def test_flickr8k_is_a_registered_image_text_dataset():
     assert FLICKR8K_SHAPE == (3, 128, 6000)
 
 
-@pytest.mark.skipif(not (SHARED / "flickr8k-128.tar.gz").is_file(),
-                    reason="../shared/data/flickr8k-128.tar.gz is absent (see ../shared/data/README.md)")
 def test_flickr8k_shared_archive():
-    splits = flickr8k(DataConfig(name="flickr8k", data_dir=str(SHARED), image_size=32, num_workers=0))
+    archive = shared_file("flickr8k-128.tar.gz")
+    splits = flickr8k(DataConfig(name="flickr8k", data_dir=str(archive.parent), image_size=32, num_workers=0))
     train, dev = splits.pretrain, splits.eval_test
     assert (len(train), len(dev)) == (6000, 1000) and train.pixels.shape[1:] == (3, 32, 32)
     assert all(len(c) == 5 for c in train.captions + dev.captions)
     assert not set(train.image_names) & set(dev.image_names)
-    with tarfile.open(SHARED / "flickr8k-128.tar.gz") as tar:
+    with tarfile.open(archive) as tar:
         member = tar.getmember("flickr8k-128/Flickr_8k.devImages.txt")
         first = tar.extractfile(member).read().decode().split("\n")[0].strip()
         tokens = tar.extractfile("flickr8k-128/Flickr8k.token.txt").read().decode().split("\n")

@@ -4,15 +4,14 @@ label-independent features, the bag-of-words baseline against hand-computed coun
 import math
 import os
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
+from shared_data import shared_file
 
 from contrastive.errors import ConfigError, DataError
 from contrastive.modalities.text.senteval import BagOfWords, bow_encoder, probe_task, senteval, senteval_folds
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text-sts-senteval.tar.gz"
 FAST = {"linear_epochs": 10, "knn_k": 10}
 
 
@@ -177,9 +176,7 @@ def test_senteval_names_the_known_tasks_before_encoding_anything(tmp_path):
 
 
 def test_bag_of_words_baseline_on_trec(tokenizer, tmp_path):
-    if not SHARED.is_file():
-        pytest.skip(f"{SHARED} is missing (see ../shared/data/README.md)")
-    with tarfile.open(SHARED) as tar:
+    with tarfile.open(shared_file("text-sts-senteval.tar.gz")) as tar:
         for name in ("TREC.train.all", "TREC.test.all"):
             tar.extract(f"text/senteval-cls/{name}", tmp_path, filter="data")
     # 500 word pieces and 10 epochs keep this a few seconds

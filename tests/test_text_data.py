@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_data import shared_file
 
 from contrastive.errors import DataError
 from contrastive.modalities.text.readers import (
@@ -21,15 +22,14 @@ from contrastive.modalities.text.readers import (
     sick_triples,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text-sts-senteval.tar.gz"
 SICK_HEADER = "pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\n"
 
 
 @pytest.fixture(scope="module")
 def text_root(tmp_path_factory) -> Path:
-    assert SHARED.is_file(), f"{SHARED} is missing (see ../shared/data/README.md)"
+    archive = shared_file("text-sts-senteval.tar.gz")
     out = tmp_path_factory.mktemp("text")
-    with tarfile.open(SHARED) as tar:
+    with tarfile.open(archive) as tar:
         tar.extractall(out, filter="data")
     return out / "text"
 

