@@ -103,3 +103,12 @@ def test_every_shipped_recipe_resolves_and_takes_a_training_step(name):
     no_grad = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
     assert no_grad == []
     method.after_step(out.updates, info)
+
+
+@pytest.mark.parametrize("override", ["eval.knn_temperature=nan", "optim.lr=inf", "method.temperature=-.inf",
+                                      "optim.weight_decay=.nan"])
+def test_a_number_that_is_not_finite_is_refused_by_name(override):
+    """nan passes every range check (nan < low is False): it is refused as what it is."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}: expected a finite number"):
+        resolve_config(overrides=[override])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -411,3 +412,33 @@ def test_without_evaluation_a_labelled_folder_is_pretrained_on_whole(tmp_path):
     s = load_splits(data_cfg(root), evaluate=False)
     assert len(s.pretrain) == 20 and s.eval_train is None and s.eval_test is None and "none held out" in s.note
     assert len(load_splits(data_cfg(root)).pretrain) == 18
+
+
+class _RunsCode:
+    """What a crafted pickle holds: unpickling it calls ``os.system``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_dataset_pickle_is_refused_and_runs_nothing(tmp_path):
+    import gzip
+
+    marker = tmp_path / "ran"
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        x, y = random_split(rng, 2, (3072,))
+        (folder / name).write_bytes(pickle.dumps({"data": x, "labels": y.tolist()}))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": _RunsCode(marker)}))
+    with pytest.raises(DataError, match=r"batches.meta .*names posix.system, which a dataset pickle never holds"):
+        load_splits(data_cfg("cifar10", data_dir=str(tmp_path), download=False))
+    with gzip.open(tmp_path / "mnist.pkl.gz", "wb") as f:
+        pickle.dump(_RunsCode(marker), f)
+    with pytest.raises(DataError, match=r"mnist.pkl.gz .*names posix.system"):
+        load_splits(data_cfg("mnist", data_dir=str(tmp_path), download=False))
+    assert not marker.exists()  # refused before anything in them was called

@@ -17,6 +17,7 @@ from contrastive import api
 from contrastive.config import Config, recipe_dir
 from contrastive.configure import resolve_config
 from contrastive.data.labels import choose
+from contrastive.errors import ConfigError
 from contrastive.export import export
 from contrastive.methods.base import BuildContext
 from contrastive.modalities.image.preprocess import Preprocess
@@ -154,3 +155,23 @@ def test_moco_v2_encoder_exports_to_onnx_with_standard_operators(tmp_path):
     got = session.run(None, {"images": x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, expected_encoder(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_export_never_writes_over_its_input_and_replaces_an_output_only_when_forced(tmp_path):
+    import hashlib
+
+    method, cfg, ctx = _simclr({"name": "small_cnn", "widths": [4, 8]})
+    api.save_encoder(method, cfg, ctx, PRE, tmp_path / "encoder.pt")
+    digest = hashlib.sha256((tmp_path / "encoder.pt").read_bytes()).hexdigest()
+    with pytest.raises(ConfigError, match=r"would write over .*encoder.pt, the file being exported"):
+        export(tmp_path / "encoder.pt", "torchscript", tmp_path / "encoder.pt")
+    with pytest.raises(ConfigError, match=r"would write over .*encoder.pt, the file being exported"):
+        export(tmp_path, "torchscript", tmp_path / "encoder.pt")  # the run folder: its encoder.pt is the input
+    assert hashlib.sha256((tmp_path / "encoder.pt").read_bytes()).hexdigest() == digest
+    export(tmp_path / "encoder.pt", "torchscript", tmp_path / "model.pt")
+    (tmp_path / "model.pt").write_bytes(b"the user's own file")
+    with pytest.raises(ConfigError, match=r"model.pt exists; give another file name, or --force"):
+        export(tmp_path / "encoder.pt", "torchscript", tmp_path / "model.pt")
+    assert (tmp_path / "model.pt").read_bytes() == b"the user's own file"
+    res = export(tmp_path / "encoder.pt", "torchscript", tmp_path / "model.pt", force=True)
+    assert res["max_abs_diff"] < 1e-5 and not list(tmp_path.glob(".*.tmp"))  # replaced whole, nothing left over

@@ -78,3 +78,17 @@ def test_a_run_file_of_another_kind_is_named(tmp_path):
         load_run(tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match="is a folder without a checkpoint.pt or encoder.pt"):
         load_run(tmp_path)
+
+
+def test_results_json_is_strict_json_with_a_number_that_is_not_finite_as_null(tmp_path):
+    import json
+
+    from contrastive.runs import write_results
+
+    write_results({"knn_top1": float("nan"), "nested": {"loss": float("inf")}, "ok": [1.5, float("-inf")]}, tmp_path)
+
+    def refuse(name):
+        raise ValueError(f"{name} in results.json")
+
+    got = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+    assert got == {"knn_top1": None, "nested": {"loss": None}, "ok": [1.5, None]}

@@ -112,7 +112,9 @@ def stage_parsers(sub) -> None:
                        "or ONNX, with its preprocessing as JSON beside it")
     x.add_argument("--checkpoint", required=True, help="checkpoint.pt, encoder.pt or classifier.pt")
     x.add_argument("--format", required=True, choices=["torchscript", "onnx"])
-    x.add_argument("--output", required=True, help="file to write (e.g. model.onnx)")
+    x.add_argument("--output", required=True, help="file to write (e.g. model.onnx); never the file exported")
+    x.add_argument("--force", action="store_true", help="replace --output (and its .preprocess.json) if "
+                   "they exist")
 
     r = sub.add_parser("report", help="a Markdown table and a PNG comparing finetune / scratch / distill runs")
     r.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -271,7 +273,7 @@ def _distill(a: argparse.Namespace) -> int:
 def _export(a: argparse.Namespace) -> int:
     from contrastive.export import export
 
-    res = export(a.checkpoint, a.format, a.output)
+    res = export(a.checkpoint, a.format, a.output, force=a.force)
     diff = f", max |difference| {res['max_abs_diff']:.2e}" if "max_abs_diff" in res else ""
     print(f"wrote {res['model']} ({res['format']}, images {res['input_shape']} -> {res['output']}) and "
           f"{res['preprocess']}\nchecked: {res['checked']}{diff}")

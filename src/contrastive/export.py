@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from contrastive.errors import ConfigError
+from contrastive.files import atomic_path, atomic_write_text
 from contrastive.modalities import modality_named
-from contrastive.runs import load_run
+from contrastive.runs import load_run, run_file
 from contrastive.stages.classifier import is_classifier_file, load_classifier, plain_batchnorm
 from contrastive.training.checkpoint import read_file
 
@@ -39,28 +40,39 @@ def load_exportable(path: str | Path) -> tuple[nn.Module, Any, str, dict]:
     return run.encoder, run.preprocess, "features", {"feature_dim": run.feature_dim}
 
 
-def export(checkpoint: str | Path, fmt: str, output: str | Path, *, check_batch: int = 4) -> dict[str, Any]:
+def export(checkpoint: str | Path, fmt: str, output: str | Path, *, check_batch: int = 4,
+           force: bool = False) -> dict[str, Any]:
     """Write ``checkpoint``'s model as ``fmt`` to ``output`` and ``<output stem>.preprocess.json`` beside it,
     then run the written file on a random batch and compare with the PyTorch model (``max_abs_diff``; for
-    ONNX only when onnxruntime is installed, else ``checked`` says so)."""
+    ONNX only when onnxruntime is installed, else ``checked`` says so). The file read is never written over;
+    an existing output is replaced only with ``force``; both files are written whole or not at all."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
-    model, pre, out_name, extra = load_exportable(checkpoint)
+    output = Path(output)
+    spec_path = output.with_name(output.stem + ".preprocess.json")
+    source = Path(checkpoint) / "classifier.pt" if (Path(checkpoint) / "classifier.pt").is_file() else \
+        run_file(checkpoint, encoder=True)
+    for target in (output, spec_path):
+        if target.exists() and target.resolve() == source.resolve():
+            raise ConfigError(f"--output {output} would write over {source}, the file being exported; give another "
+                              f"file name")
+        if target.is_dir():
+            raise ConfigError(f"--output {output}: {target} is a folder; give a file name such as model.onnx")
+        if target.exists() and not force:
+            raise ConfigError(f"--output {output}: {target} exists; give another file name, or --force to replace it")
+    model, pre, out_name, extra = load_exportable(source)
     shape, spec = modality_named(pre.modality, str(checkpoint)).exported_input(pre)  # what the file reads
     model = plain_batchnorm(model).eval().float().cpu()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     # batch 2 in the example: a batch of 1 would let batch-size-specific shapes pass unnoticed
     example = torch.zeros(2, *shape)
-    if fmt == "torchscript":
-        with _torchscript_quiet():
-            traced = torch.jit.trace(model, example)
-        traced.save(str(output))
-    else:
-        _export_onnx(model, example, output, out_name)
-    spec_path = output.with_name(output.stem + ".preprocess.json")
+    with atomic_path(output) as tmp:
+        if fmt == "torchscript":
+            with _torchscript_quiet():
+                torch.jit.trace(model, example).save(str(tmp))
+        else:
+            _export_onnx(model, example, tmp, out_name)
     spec = {"input": {"name": INPUT_NAME, **spec}, "output": {"name": out_name, **extra}}
-    spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+    atomic_write_text(spec_path, json.dumps(spec, indent=2) + "\n")
     res = {"model": str(output), "preprocess": str(spec_path), "format": fmt, "output": out_name,
            "input_shape": ["batch", *shape]}
     res.update(_check(model, fmt, output, torch.randn(check_batch, *shape, generator=torch.Generator().manual_seed(0))))

@@ -11,6 +11,7 @@ run reads it here. Both files are read with ``weights_only``, so a file from els
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -126,8 +127,19 @@ def save_encoder(method: Method, cfg: Config, ctx: BuildContext, preprocess: Any
 
 
 def write_results(results: dict, folder: str | Path) -> Path:
-    """results.json, written atomically."""
-    return atomic_write_text(Path(folder) / "results.json", json.dumps(results, indent=2) + "\n")
+    """results.json, written atomically and as strict JSON: a number that is not finite (a NaN accuracy) is null."""
+    return atomic_write_text(Path(folder) / "results.json", json.dumps(_finite(results), indent=2, allow_nan=False)
+                             + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def write_config(cfg: Config, path: str | Path) -> Path:

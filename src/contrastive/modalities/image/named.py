@@ -152,12 +152,34 @@ def fashion_mnist(cfg: DataConfig) -> Splits:
                      FASHION_MNIST_CLASSES, FASHION_MNIST_STATS)
 
 
+# What CIFAR's batches and the classic mnist.pkl.gz hold besides plain containers: numpy arrays and their dtypes.
+# Anything else named in a pickle (os.system, a class of some package) is refused before it is called.
+_PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                   ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                   ("numpy._core.multiarray", "scalar")}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds numpy arrays, dtypes and plain containers, and nothing else: a pickle in
+    ``data.data_dir`` cannot run code while it is read."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a dataset pickle never holds (only numpy "
+                                         f"arrays): it was not loaded, and nothing in it ran")
+        return super().find_class(module, name)
+
+
+def _load_pickle(f: Any) -> Any:
+    return _ArraysOnly(f, encoding="latin1").load()
+
+
 def _read_mnist_pickle(path: Path) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """The classic mnist.pkl.gz: (train 50k, valid 10k, test 10k) of float32 pixels k/256 -> train = train +
     valid, test, as ``(images uint8 [N, 1, 28, 28], labels int64 [N])``."""
     try:
         with gzip.open(path, "rb") as f:
-            parts = pickle.load(f, encoding="latin1")
+            parts = _load_pickle(f)
     except (OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
         raise DataError(f"cannot read {path} ({e}); delete it (to download again) or replace it") from None
 
@@ -192,7 +214,7 @@ def _unpickle(path: Path) -> dict[str, Any]:
     """A CIFAR pickle as a dict with str keys, whether the pickle stored them as str or bytes."""
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
+            d = _load_pickle(f)
     except (OSError, EOFError, pickle.UnpicklingError) as e:
         raise DataError(f"cannot read {path} ({e}); delete it (to download again) or replace it") from None
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
