@@ -48,14 +48,23 @@ def test_report_has_the_four_rows_and_writes_its_png(tmp_path):
     assert (tmp_path / "out" / "report.png").read_bytes()[:8] == PNG
 
 
-def test_report_groups_runs_by_label_subset_and_names_missing_rows(tmp_path):
+def test_report_groups_runs_by_label_subset_and_names_missing_rows(tmp_path, monkeypatch):
     a = _run(tmp_path, "a", stage="scratch", top1=0.4, backbone={"name": "small_cnn"})
     b = _run(tmp_path, "b", stage="finetune", method="simclr", top1=0.5, backbone={"name": "small_cnn"},
              labels={**LABELS, "spec": "1%", "fraction": 0.01, "fingerprint": "def"})
-    res = report([a, b])  # default output: the folder the runs share
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    res = report([a, b])  # default output: the current folder
     assert [g["labels"]["spec"] for g in res["groups"]] == ["10%", "1%"]
     assert res["groups"][0]["missing"][0].startswith("linear probe")
-    assert (tmp_path / "report.md").is_file() and (tmp_path / "report.png").is_file()
+    assert (here / "report.md").is_file() and (here / "report.png").is_file()
+    report([a])  # its own earlier report is replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "report.md").write_text("the user's own notes")
+    with pytest.raises(DataError, match="report.md exists and no report of this command wrote it; give --output"):
+        report([a, b], tmp_path / "mine")
+    assert (tmp_path / "mine" / "report.md").read_text() == "the user's own notes"
     with pytest.raises(DataError, match="has no results.json"):
         report([tmp_path / "nowhere"])
 

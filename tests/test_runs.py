@@ -3,15 +3,20 @@ its per-modality sections and the build context its input shape."""
 
 from __future__ import annotations
 
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from contrastive import api
+from contrastive.config import DataConfig
 from contrastive.configure import resolve_config
-from contrastive.errors import CheckpointError
-from contrastive.runs import load_run
+from contrastive.errors import CheckpointError, ConfigError
+from contrastive.runs import LOCK_NAME, claimed, load_run
+from contrastive.stages.finetune import finetune
 
 QUICK = ["train.epochs=1", "train.max_steps=3", "train.progress=false", "train.log_every=1"]
 
@@ -92,3 +97,67 @@ def test_results_json_is_strict_json_with_a_number_that_is_not_finite_as_null(tm
 
     got = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
     assert got == {"knn_top1": None, "nested": {"loss": None}, "ok": [1.5, None]}
+
+
+QUICK_RUN = ["train.epochs=1", "train.max_steps=2", "train.progress=false", "eval.linear=false"]
+
+
+def _digits(out=None, *extra):
+    tree = {"data": {"name": "digits"}}
+    if out is not None:
+        tree["train"] = {"output": str(out)}
+    return resolve_config(tree=tree, overrides=QUICK_RUN + list(extra))
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, caplog):
+    first = api.pretrain(_digits(tmp_path / "run"))
+    checkpoint = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with pytest.raises(ConfigError, match=r"run holds a run already \(checkpoint.pt, encoder.pt, results.json\); give "
+                                          r"a new folder, or --overwrite"):
+        api.pretrain(_digits(tmp_path / "run", "seed=1"))
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == checkpoint  # nothing of it was touched
+    (tmp_path / "run" / ".results.json.x.tmp").write_text("left by a killed write")
+    with caplog.at_level("INFO", logger="contrastive"):
+        second = api.pretrain(_digits(tmp_path / "run", "seed=1", "train.overwrite=true"))
+    assert "--overwrite: removing the earlier run's config.yaml, checkpoint.pt, encoder.pt" in caplog.text
+    assert not (tmp_path / "run" / ".results.json.x.tmp").exists() and not (tmp_path / "run" / LOCK_NAME).exists()
+    assert second["checkpoint"] == first["checkpoint"]
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() != checkpoint  # seed 1's run
+    # the stages and the evaluation refuse a pretraining run's folder too
+    with pytest.raises(ConfigError, match="holds a run already"):
+        api.evaluate(tmp_path / "run", DataConfig(name="digits"), protocols=("knn",), output=tmp_path / "run")
+    with pytest.raises(ConfigError, match="holds a run already"):
+        finetune(DataConfig(name="digits"), "10%", tmp_path / "run", checkpoint=tmp_path / "run")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"--output .*file is a file; give a folder"):
+        api.pretrain(_digits(tmp_path / "file"))
+
+
+def test_a_run_without_an_output_gets_a_new_folder_and_latest_points_at_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = Path(api.pretrain(_digits())["checkpoint"]).parent
+    b = Path(api.pretrain(_digits())["checkpoint"]).parent
+    assert a.parent == b.parent == Path("runs") and a != b  # a second run in the same second gets a suffix
+    assert all(re.fullmatch(r"\d{8}-\d{6}-simclr(-\d+)?", p.name) for p in (a, b))
+    assert (tmp_path / "runs" / "latest").resolve() == (tmp_path / b).resolve()
+    assert yaml.safe_load((b / "config.yaml").read_text())["train"]["output"] == str(b)  # resumable as it is
+
+
+def test_a_folder_another_live_process_writes_into_is_refused_and_a_dead_ones_lock_taken_over(tmp_path, caplog):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / LOCK_NAME).write_text(f"{os.getpid()} {socket.gethostname()}\n")  # this test's own process: alive
+    with pytest.raises(ConfigError, match=rf"another run is writing into .*run \(process {os.getpid()} on"):
+        with claimed(folder):
+            pass
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (folder / LOCK_NAME).write_text(f"{int(dead.stdout)} {socket.gethostname()}\n")
+    with caplog.at_level("WARNING", logger="contrastive"), claimed(folder):
+        assert (folder / LOCK_NAME).read_text().split()[0] == str(os.getpid())
+    assert f"held by process {int(dead.stdout)}, which is no longer running: taking it over" in caplog.text
+    assert not (folder / LOCK_NAME).exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,17 @@ from contrastive.machine import describe
 from contrastive.methods import build_method
 from contrastive.methods.base import BuildContext, Method
 from contrastive.modalities import detect, load_splits, modality_named, modality_of, seen_in_pretraining
-from contrastive.runs import load_run, run_file, save_encoder, write_config, write_results
+from contrastive.runs import (
+    check_free,
+    claimed,
+    load_run,
+    new_run_folder,
+    point_latest,
+    run_file,
+    save_encoder,
+    write_config,
+    write_results,
+)
 from contrastive.training.trainer import Trainer
 
 log = logging.getLogger("contrastive")
@@ -61,7 +72,19 @@ def pretrain(cfg: Config) -> dict[str, Any]:
 def _pretrain(cfg: Config) -> dict[str, Any]:
     if cfg.train.resume:  # --resume runs/x: the checkpoint in the run folder
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=str(run_file(cfg.train.resume))))
-    out = Path(cfg.train.output)
+    fresh = cfg.train.output is None
+    out = new_run_folder(cfg.method["name"]) if fresh else Path(cfg.train.output)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output=str(out)))
+    # a run continues in its own folder only; any other folder holding a run is refused unless train.overwrite
+    continuing = cfg.train.resume is not None and Path(cfg.train.resume).parent.resolve() == out.resolve()
+    check_free(out, resume=continuing, overwrite=cfg.train.overwrite)  # every process, before any work
+    with claimed(out, resume=continuing, overwrite=cfg.train.overwrite) if distributed.is_main() else nullcontext():
+        if fresh and distributed.is_main():
+            point_latest(out)
+        return _train_and_evaluate(cfg, out)
+
+
+def _train_and_evaluate(cfg: Config, out: Path) -> dict[str, Any]:
     # every process decodes its own copy at once; only a download is rank 0's alone, first (data/locate.py)
     splits = load_splits(cfg.data, evaluate=cfg.eval.enabled is not False)
     modality = modality_of(splits.pretrain)
@@ -80,7 +103,6 @@ def _pretrain(cfg: Config) -> dict[str, Any]:
     ctx = modality.context(cfg, train_set, distributed.world_size())
     method = build_method(cfg, ctx)
     if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out / "config.yaml")
     log.info("pretraining %s (%s backbone, %d features) on %s: %d samples, %s", cfg.method["name"],
              cfg.backbone["name"], method.feature_dim, cfg.data.name, len(train_set), splits.note)
@@ -154,14 +176,21 @@ def load_method(path: str | Path) -> tuple[Method, dict]:
 
 
 def evaluate(checkpoint: str | Path, data: DataConfig, *, protocols: tuple[str, ...], overrides: list[str] = (),
-             output: str | Path | None = None) -> dict[str, Any]:
+             output: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Evaluate any checkpoint on any data its encoder reads; writes results.json and config.yaml to ``output``.
 
     The evaluation settings are the checkpoint's run config with ``overrides``; the encoder's modality says what
     is measured (labelled images and sound: the kNN or linear probe; sentences: STS and SentEval). When the test
     images were seen (unlabelled) in pretraining, as a held-out fraction of the folder a ``--no-eval`` run
-    pretrained on whole, the log and results.json say so.
+    pretrained on whole, the log and results.json say so. An ``output`` holding another run is refused unless
+    ``overwrite`` (``runs.claimed``).
     """
+    with claimed(output, overwrite=overwrite) if output is not None else nullcontext():
+        return _evaluate(checkpoint, data, protocols=protocols, overrides=overrides, output=output)
+
+
+def _evaluate(checkpoint: str | Path, data: DataConfig, *, protocols: tuple[str, ...], overrides: list[str],
+              output: str | Path | None) -> dict[str, Any]:
     run = load_run(checkpoint)
     modality = modality_named(run.preprocess.modality, str(checkpoint))
     cfg = apply_overrides(run.config, list(overrides))
@@ -181,7 +210,6 @@ def evaluate(checkpoint: str | Path, data: DataConfig, *, protocols: tuple[str, 
     if seen:
         res["evaluation"]["warning"] = seen
     if output is not None:
-        Path(output).mkdir(parents=True, exist_ok=True)
         write_config(cfg, Path(output) / "config.yaml")
         write_results(res, output)
     return res

@@ -58,7 +58,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--backbone", help=", ".join(names("backbones")))
-    p.add_argument("--output", help="run folder (default runs/latest)")
+    p.add_argument("--output", help="run folder; one that holds another run is refused (default: a new folder "
+                   "runs/<date>-<time>-<method>, runs/latest pointing at it)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --output (its files are removed "
+                   "first)")
     p.add_argument("--device", help="auto, cpu, cuda")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", help="run folder or checkpoint to continue from, with its config unless --config "
@@ -71,7 +74,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("protocol", choices=["knn", "linear"])
     e.add_argument("--checkpoint", required=True, help="checkpoint.pt, encoder.pt, or the run folder holding them")
     _data_flags(e, pretrain=False)
-    e.add_argument("--output", help="folder for results.json (default: <checkpoint folder>/eval-<protocol>)")
+    e.add_argument("--output", help="folder for results.json (default: <checkpoint folder>/eval-<protocol>); one "
+                   "that holds another run's results is refused")
+    e.add_argument("--overwrite", action="store_true", help="replace the results already in --output")
     e.add_argument("--device", help="auto, cpu, cuda")
     e.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of eval.* fields, e.g. eval.knn_k=20")
 
@@ -118,13 +123,15 @@ def stage_parsers(sub) -> None:
 
     r = sub.add_parser("report", help="a Markdown table and a PNG comparing finetune / scratch / distill runs")
     r.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    r.add_argument("--output", help="folder for report.md and report.png (default: the folder the runs share)")
+    r.add_argument("--output", help="folder for report.md and report.png (default: the current folder)")
 
 
 def _stage_flags(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--recipe", help="stage recipe (YAML with finetune/scratch/distill sections); default "
                    "configs/semi-supervised/<dataset>.yaml, else default.yaml (SimCLR v2)")
-    p.add_argument("--output", required=True, help="run folder")
+    p.add_argument("--output", required=True, help="run folder; one that holds another run is refused")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --output (its files are removed "
+                   "first)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -142,6 +149,8 @@ def _pretrain(a: argparse.Namespace) -> int:
         tree["backbone"] = {"name": a.backbone}
     if a.seed is not None:
         tree["seed"] = a.seed
+    if a.overwrite:
+        tree["train"]["overwrite"] = True
     if a.no_eval:
         tree["eval"] = {"enabled": False}
     recipe = a.config
@@ -158,7 +167,7 @@ def _pretrain(a: argparse.Namespace) -> int:
         return 0
     res = api.pretrain(cfg)
     if distributed.is_main():  # under torchrun, one report
-        _report(res, Path(cfg.train.output))
+        _report(res, Path(res["checkpoint"]).parent)
     return 0
 
 
@@ -178,7 +187,8 @@ def _eval(a: argparse.Namespace) -> int:
     run = Path(a.checkpoint) if Path(a.checkpoint).is_dir() else Path(a.checkpoint).parent
     out = Path(a.output) if a.output else run / f"eval-{a.protocol}"
     overrides = list(a.overrides) + ([f"train.device={a.device}"] if a.device else [])
-    res = api.evaluate(a.checkpoint, data, protocols=(a.protocol,), overrides=overrides, output=out)
+    res = api.evaluate(a.checkpoint, data, protocols=(a.protocol,), overrides=overrides, output=out,
+                       overwrite=a.overwrite)
     _report(res, out)
     return 0
 
@@ -245,7 +255,8 @@ def _finetune(a: argparse.Namespace) -> int:
     section, overrides = _split_backbone(a.overrides, a.backbone)
     data = build_dataclass(DataConfig, _data_tree(_needs_data(a, "finetune")), "data")
     res = finetune(data, a.labels, a.output, checkpoint=a.checkpoint, scratch=section, from_layer=a.from_layer,
-                   recipe=a.recipe, overrides=overrides, seed=a.seed, labels_seed=a.labels_seed, device=a.device)
+                   recipe=a.recipe, overrides=overrides, seed=a.seed, labels_seed=a.labels_seed, device=a.device,
+                   overwrite=a.overwrite)
     lab = res["labels"]
     lines = [f"{res['stage']} on {lab['images']} labelled images ({lab['spec']}, {res['labels_file']}), "
              f"{res['budget']['epochs']} epochs, {res['budget']['train_seconds']:.0f} s:"]
@@ -262,7 +273,7 @@ def _distill(a: argparse.Namespace) -> int:
     section, overrides = _split_backbone(a.overrides, a.student)
     data = build_dataclass(DataConfig, _data_tree(_needs_data(a, "distill")), "data")
     res = distill(a.teacher, section, data, a.output, recipe=a.recipe, overrides=overrides, seed=a.seed,
-                  device=a.device)
+                  device=a.device, overwrite=a.overwrite)
     print(f"student {res['parameters']:,} parameters, teacher {res['teacher_parameters']:,}; "
           f"{res['budget']['epochs']} epochs, {res['budget']['train_seconds']:.0f} s\n"
           f"  {'student test top-1':<32} {res['top1']:.4f}\n  {'teacher test top-1':<32} {res['teacher_top1']:.4f}\n"

@@ -127,7 +127,11 @@ class TrainConfig:
     device: str = _f("auto", "auto (cuda when available), cpu, cuda or cuda:N. Under torchrun, auto and cuda give "
                      "each process its own GPU (cuda:LOCAL_RANK, or cuda:0 when the launcher shows each process "
                      "one GPU); an explicit cuda:N is for one process per machine.")
-    output: str = _f("runs/latest", "Folder for checkpoints, metrics.csv, config.yaml and results.json.")
+    output: str | None = _f(None, "Folder for checkpoints, metrics.csv, config.yaml and results.json; a folder that "
+                            "holds another run is refused (see overwrite). None: a new folder runs/<date>-<time>-"
+                            "<method>, with runs/latest pointing at it.")
+    overwrite: bool = _f(False, "Replace the run already in train.output (its run files are removed first); "
+                         "without it such a folder is refused, so no run is lost to a repeated command.")
     checkpoint_every: int = _f(10, "Write a checkpoint every N epochs (and always at the end).")
     resume: str | None = _f(None, "Checkpoint to resume from; the run continues exactly where it stopped.")
     log_every: int = _f(10, "Write a metrics.csv row every N optimiser steps.")

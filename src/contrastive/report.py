@@ -10,11 +10,11 @@ as well get a table of their own (kNN and linear probe on all labels).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from contrastive.errors import DataError
+from contrastive.files import atomic_write_text
 
 ORDER = {"scratch": 0, "linear": 1, "finetune": 2, "distill": 3}
 
@@ -72,11 +72,14 @@ def rows_of(res: dict) -> list[dict]:
 
 
 def report(run_dirs: list[str | Path], output: str | Path | None = None) -> dict[str, Any]:
-    """Write report.md, report.png and report.json into ``output`` (default: the folder the runs share)."""
+    """Write report.md, report.png and report.json into ``output`` (default: the current folder). A report.md
+    there is replaced only when the report.json beside it says an earlier report wrote it."""
     if not run_dirs:
         raise DataError("give at least one run folder")
     runs = [read_run(d) for d in run_dirs]
-    out = Path(output) if output is not None else Path(os.path.commonpath([Path(d).resolve() for d in run_dirs]))
+    out = Path(output) if output is not None else Path.cwd()
+    if (out / "report.md").exists() and not _an_earlier_report(out):
+        raise DataError(f"{out / 'report.md'} exists and no report of this command wrote it; give --output <a folder>")
     groups: dict[tuple, dict] = {}
     pretrain = []
     for res in runs:
@@ -101,7 +104,7 @@ def report(run_dirs: list[str | Path], output: str | Path | None = None) -> dict
     ordered = sorted(groups.values(), key=lambda g: (g["dataset"], -g["labels"].get("fraction", 0)))
     out.mkdir(parents=True, exist_ok=True)
     md = _markdown(ordered, pretrain)
-    (out / "report.md").write_text(md)
+    atomic_write_text(out / "report.md", md)
     files = {"markdown": str(out / "report.md")}
     if ordered:
         from contrastive.plots import comparison_bars
@@ -109,8 +112,16 @@ def report(run_dirs: list[str | Path], output: str | Path | None = None) -> dict
         panels = [(_title(g), [(r["row"], r["top1"]) for r in g["rows"]]) for g in ordered]
         files["png"] = str(comparison_bars(panels, out / "report.png"))
     summary = {"groups": ordered, "pretraining": [_pretrain_row(r) for r in pretrain], **files}
-    (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _an_earlier_report(folder: Path) -> bool:
+    try:
+        earlier = json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(earlier, dict) and {"groups", "pretraining", "markdown"} <= set(earlier)
 
 
 def _title(group: dict) -> str:

@@ -11,17 +11,24 @@ run reads it here. Both files are read with ``weights_only``, so a file from els
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import shutil
+import socket
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
 from torch import nn
 
+from contrastive import distributed
 from contrastive.config import Config, config_from_tree, to_dict
-from contrastive.errors import CheckpointError
+from contrastive.errors import CheckpointError, ConfigError
 from contrastive.files import atomic_write_text
 from contrastive.methods import build_method
 from contrastive.methods.base import BuildContext, Method
@@ -29,8 +36,16 @@ from contrastive.modalities import modality_named
 from contrastive.training.checkpoint import atomic_save, is_checkpoint, read_file
 from contrastive.training.trainer import CHECKPOINT_NAME
 
+log = logging.getLogger("contrastive")
+
 ENCODER_FORMAT = "contrastive-encoder/2"
 ENCODER_NAME = "encoder.pt"
+# What a run (pretraining, evaluation or a stage) writes into its folder, and of those what it produces: a folder
+# holding a product holds a run (one that stopped before producing any, its config.yaml alone, does not).
+RUN_FILES = ("config.yaml", CHECKPOINT_NAME, ENCODER_NAME, "results.json", "metrics.csv", "curves.png", "tensorboard",
+             "classifier.pt", "labels.json", "stage.yaml")
+PRODUCTS = (CHECKPOINT_NAME, ENCODER_NAME, "classifier.pt", "results.json")
+LOCK_NAME = ".contrastive.lock"
 
 
 @dataclass
@@ -145,3 +160,113 @@ def _finite(obj: Any) -> Any:
 def write_config(cfg: Config, path: str | Path) -> Path:
     """config.yaml (or ``path``): the whole run config, written atomically."""
     return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+@contextmanager
+def claimed(folder: str | Path, *, resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
+    """``folder`` held for one run while the block runs, for the process that writes the run's files.
+
+    Refused with a ConfigError: a file in its place; a folder that holds another run (its ``PRODUCTS``) unless
+    the run continues it (``resume``) or replaces it (``overwrite``: every run file, ``RUN_FILES``, is removed
+    first, and the log names them); a folder another live process holds (its lock file names the process). A lock
+    whose process is gone is taken over with a warning, and temporary files a killed write left behind are
+    removed.
+    """
+    folder = Path(folder)
+    check_free(folder, resume=resume, overwrite=overwrite)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    _take(lock)
+    try:
+        for orphan in folder.glob(".*.tmp"):  # a write killed before its rename
+            orphan.unlink(missing_ok=True)
+            log.info("removed %s, a temporary file an interrupted write left", orphan)
+        if overwrite and not resume:
+            old = [folder / n for n in RUN_FILES if (folder / n).exists()]
+            if old:
+                log.warning("--overwrite: removing the earlier run's %s from %s", ", ".join(p.name for p in old),
+                            folder)
+            for path in old:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        yield folder
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def check_free(folder: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """The refusals of :func:`claimed` that need no lock (every process of a distributed run can check them)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--output {folder} is a file; give a folder for the run's files")
+    held = [n for n in PRODUCTS if (folder / n).exists()]
+    if held and not (resume or overwrite):
+        raise ConfigError(f"--output {folder} holds a run already ({', '.join(held)}); give a new folder, or "
+                          f"--overwrite to replace that run (--resume {folder} continues a pretraining run)")
+
+
+def _take(lock: Path) -> None:
+    me = f"{os.getpid()} {socket.gethostname()}\n"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid, host = _holder(lock)
+            if pid is not None and host == socket.gethostname() and not _alive(pid):
+                log.warning("%s was held by process %d, which is no longer running: taking it over", lock.parent, pid)
+                lock.unlink(missing_ok=True)
+                continue
+            raise ConfigError(f"another run is writing into {lock.parent} (process {pid} on {host}, {lock}); wait for "
+                              f"it to end, or give another --output") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return
+    raise ConfigError(f"could not take {lock}; remove it if no run is writing into {lock.parent}")
+
+
+def _holder(lock: Path) -> tuple[int | None, str]:
+    try:
+        pid, host = lock.read_text().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None, "an unknown host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def new_run_folder(method: str, root: str | Path = "runs") -> Path:
+    """A new folder for a run, ``<root>/<date>-<time>-<method>`` (a suffix when that exists), the same on every
+    process of a distributed run (rank 0 picks it); ``<root>/latest`` points at it once the run holds it
+    (:func:`point_latest`)."""
+    root = Path(root)
+    stamp = torch.tensor([int(time.time()), 0])
+    if distributed.is_main():
+        while (root / _run_name(stamp, method)).exists():
+            stamp[1] += 1
+    distributed.broadcast(stamp)
+    return root / _run_name(stamp, method)
+
+
+def _run_name(stamp: torch.Tensor, method: str) -> str:
+    when = time.strftime("%Y%m%d-%H%M%S", time.localtime(int(stamp[0])))
+    return f"{when}-{method}" + (f"-{int(stamp[1]) + 1}" if int(stamp[1]) else "")
+
+
+def point_latest(folder: Path) -> None:
+    """``<folder's parent>/latest`` -> ``folder`` (a relative link, replaced whole). A real folder of that name, an
+    earlier version's run, is left as it is, and the log says where this run is."""
+    latest = folder.parent / "latest"
+    if latest.exists() and not latest.is_symlink():
+        log.warning("%s is a folder, not a link, so it keeps what it holds; this run is in %s", latest, folder)
+        return
+    tmp = folder.parent / f".latest.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(folder.name, target_is_directory=True)
+    os.replace(tmp, latest)

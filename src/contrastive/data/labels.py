@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from contrastive.errors import DataError
+from contrastive.files import atomic_write_text
 
 FORMAT = "contrastive-labels/1"
 _PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
@@ -118,7 +119,7 @@ def write_labels(subset: LabelSubset, path: str | Path) -> Path:
     """The subset as JSON: the dataset it belongs to, how it was chosen, and the indices."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"format": FORMAT, **asdict(subset)}, indent=1) + "\n")
+    atomic_write_text(path, json.dumps({"format": FORMAT, **asdict(subset)}, indent=1) + "\n")
     return path
 
 

@@ -25,12 +25,13 @@ from contrastive.config import DataConfig, OptimConfig, to_dict
 from contrastive.data.labels import LabelSubset, labels_sha256
 from contrastive.device import resolve_device
 from contrastive.errors import ConfigError, DataError
+from contrastive.files import atomic_write_text
 from contrastive.losses import distillation_loss
 from contrastive.methods.base import STREAM_LOADER, step_seed
 from contrastive.modalities import load_splits
 from contrastive.nn.backbones import build_backbone
 from contrastive.plots import training_curves
-from contrastive.runs import write_results
+from contrastive.runs import claimed, write_results
 from contrastive.stages import supervised
 from contrastive.stages.classifier import (
     Classifier,
@@ -79,14 +80,21 @@ def check(cfg: DistillConfig) -> None:
 
 def distill(teacher: str | Path, student: dict, data: DataConfig, output: str | Path, *,
             recipe: str | Path | None = None, overrides: list[str] = (), seed: int = 0,
-            device: str = "auto") -> dict[str, Any]:
+            device: str = "auto", overwrite: bool = False) -> dict[str, Any]:
     """Train a ``student`` (a backbone section: name and fields) with a linear classifier to match the fine-tuned
     ``teacher`` (a classifier.pt, or its run folder) on ``data``'s pretraining images, then score student and
     teacher on the test side.
 
     Writes into ``output``: classifier.pt (the student), metrics.csv, curves.png, stage.yaml and results.json
-    (``top1`` the student's, ``teacher_top1``, ``margin`` = teacher - student).
+    (``top1`` the student's, ``teacher_top1``, ``margin`` = teacher - student). A folder holding another run is
+    refused unless ``overwrite`` (``runs.claimed``).
     """
+    with claimed(output, overwrite=overwrite) as out:
+        return _distill(teacher, student, data, out, recipe=recipe, overrides=overrides, seed=seed, device=device)
+
+
+def _distill(teacher: str | Path, student: dict, data: DataConfig, out: Path, *, recipe: str | Path | None,
+             overrides: list[str], seed: int, device: str) -> dict[str, Any]:
     dev = resolve_device(device)
     tree, recipe_path = stage_recipe(data.name, recipe)
     cfg = stage_config(DistillConfig, tree, "distill", list(overrides))
@@ -102,9 +110,7 @@ def distill(teacher: str | Path, student: dict, data: DataConfig, output: str | 
                         f"({splits.note}); pass --test-data")
     if test.classes != tinfo["classes"]:
         raise DataError(f"the teacher classifies {tinfo['classes']}, but the test data's classes are {test.classes}")
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "stage.yaml").write_text(yaml.safe_dump({"distill": to_dict(cfg)}, sort_keys=False))
+    atomic_write_text(out / "stage.yaml", yaml.safe_dump({"distill": to_dict(cfg)}, sort_keys=False))
 
     torch.manual_seed(seed)
     enc, dim = build_backbone(student, input_shape=(pre.channels, pre.size, pre.size))

@@ -25,12 +25,13 @@ from contrastive.device import resolve_device
 from contrastive.errors import ConfigError, DataError
 from contrastive.evaluation.features import extract_features
 from contrastive.evaluation.linear import linear_probe
+from contrastive.files import atomic_write_text
 from contrastive.modalities import load_splits
 from contrastive.modalities.image.datasets import TensorImages
 from contrastive.modalities.image.preprocess import Preprocess
 from contrastive.nn.backbones import build_backbone
 from contrastive.plots import training_curves
-from contrastive.runs import load_run, write_results
+from contrastive.runs import claimed, load_run, write_results
 from contrastive.stages import supervised
 from contrastive.stages.classifier import (
     Classifier,
@@ -101,18 +102,27 @@ def check(cfg: FinetuneConfig, where: str) -> None:
 
 def finetune(data: DataConfig, labels: str, output: str | Path, *, checkpoint: str | Path | None = None,
              scratch: dict | None = None, from_layer: int = 0, recipe: str | Path | None = None,
-             overrides: list[str] = (), seed: int = 0, labels_seed: int = 0, device: str = "auto") -> dict[str, Any]:
+             overrides: list[str] = (), seed: int = 0, labels_seed: int = 0, device: str = "auto",
+             overwrite: bool = False) -> dict[str, Any]:
     """Fine-tune ``checkpoint``'s encoder (``from_layer`` head layers on top) with a classifier on the labelled
     subset ``labels`` of ``data``'s training side, or with ``scratch`` (a backbone section) train the same
     classifier from random weights; score on the test side.
 
     Writes into ``output``: labels.json (the subset, reusable with ``labels=<that file>``), classifier.pt,
     metrics.csv, curves.png, stage.yaml (the resolved stage config) and results.json (``top1``; with a
-    checkpoint also ``linear_top1``, the frozen encoder's linear probe on the same labels).
+    checkpoint also ``linear_top1``, the frozen encoder's linear probe on the same labels). A folder holding
+    another run is refused unless ``overwrite`` (``runs.claimed``).
     """
     if (checkpoint is None) == (scratch is None):
         raise ConfigError("finetune needs a pretrained --checkpoint, or --scratch with --backbone, not both")
-    out = Path(output)
+    with claimed(output, overwrite=overwrite) as out:
+        return _finetune(data, labels, out, checkpoint=checkpoint, scratch=scratch, from_layer=from_layer,
+                         recipe=recipe, overrides=overrides, seed=seed, labels_seed=labels_seed, device=device)
+
+
+def _finetune(data: DataConfig, labels: str, out: Path, *, checkpoint: str | Path | None, scratch: dict | None,
+              from_layer: int, recipe: str | Path | None, overrides: list[str], seed: int, labels_seed: int,
+              device: str) -> dict[str, Any]:
     dev = resolve_device(device)
     tree, recipe_path = stage_recipe(data.name, recipe)
     section = "finetune" if checkpoint is not None else "scratch"
@@ -155,9 +165,8 @@ def finetune(data: DataConfig, labels: str, output: str | Path, *, checkpoint: s
     # every parameter trains except those the method froze itself (SimCLR's head-output BN shift)
     model = Classifier(enc, dim, train.num_classes, zero_init=cfg.zero_init_classifier).to(dev)
 
-    out.mkdir(parents=True, exist_ok=True)
     label_file = label_subsets.write_labels(subset, out / "labels.json")
-    (out / "stage.yaml").write_text(yaml.safe_dump({section: to_dict(cfg)}, sort_keys=False))
+    atomic_write_text(out / "stage.yaml", yaml.safe_dump({section: to_dict(cfg)}, sort_keys=False))
     index = torch.tensor(subset.indices)
     images, targets = supervised.pixels(train)[index], train.labels[index]
     test_images = supervised.pixels(test)

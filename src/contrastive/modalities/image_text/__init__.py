@@ -22,6 +22,7 @@ from contrastive.data.datasets import SampleDataset, Splits
 from contrastive.errors import ConfigError, DataError
 from contrastive.evaluation import extract_features, save_embeddings
 from contrastive.evaluation.embed import save_array
+from contrastive.files import atomic_write_text
 from contrastive.methods.base import Method
 from contrastive.modalities.base import DataShape, Modality, Reasons, Trial, methods_for, register_modality
 from contrastive.modalities.image import ImageModality
@@ -248,7 +249,7 @@ class ImageTextModality(ImageModality):
         paths = save_embeddings(z_img, None, output) + save_embeddings(z_txt, None, Path(f"{stem}.captions.npy"))
         paths.append(save_array(torch.tensor(owner), Path(f"{stem}.caption_image.npy")))
         text_file = Path(f"{stem}.captions.txt")
-        text_file.write_text("".join(c.replace("\n", " ") + "\n" for c in captions), encoding="utf-8")
+        atomic_write_text(text_file, "".join(c.replace("\n", " ") + "\n" for c in captions))
         paths.append(text_file)
         return {"features": [str(p) for p in paths], "images": int(z_img.shape[0]), "captions": len(captions),
                 "dim": int(z_img.shape[1])}

@@ -103,7 +103,8 @@ class ImageCaptions(TensorImages):
         out = ImageCaptions(self.pixels[idx], [self.captions[i] for i in keep], [self.image_names[i] for i in keep],
                             name=self.name, size=self.image_size, mean=self.mean, std=self.std)
         if self.caption_ids is not None:
-            out.caption_ids, out.caption_counts, out.pad_id = self.caption_ids[idx], self.caption_counts[idx], self.pad_id
+            out.caption_ids, out.caption_counts = self.caption_ids[idx], self.caption_counts[idx]
+            out.pad_id = self.pad_id
         return out
 
 

@@ -178,8 +178,8 @@ def sts_sentences(cfg: DataConfig) -> Splits:
     rows = list(dict.fromkeys(s for p in pairs for s in (p.first, p.second)))
     return Splits(TextRows(rows, name="sts-sentences"), None, None,
                   note=f"pretraining on the {len(rows):,} distinct sentences of STS-B train and SICK train "
-                       f"(unlabeled); the text evaluation reads STS-B dev, SICK test and SentEval (modalities.text.sts, "
-                       f"modalities.text.senteval)")
+                       f"(unlabeled); the text evaluation reads STS-B dev, SICK test and SentEval "
+                       f"(modalities.text.sts, modalities.text.senteval)")
 
 
 def sick_triple_rows(cfg: DataConfig) -> Splits:
@@ -188,7 +188,8 @@ def sick_triple_rows(cfg: DataConfig) -> Splits:
     rows = [(t.premise, t.entailment, t.contradiction) for t in triples]
     return Splits(TextRows(rows, name="sick-triples"), None, None,
                   note=f"pretraining on {len(rows)} (premise, entailment, contradiction) triples of SICK train; the "
-                       f"text evaluation reads STS-B dev, SICK test and SentEval (modalities.text.sts, modalities.text.senteval)")
+                       f"text evaluation reads STS-B dev, SICK test and SentEval (modalities.text.sts, "
+                       f"modalities.text.senteval)")
 
 
 for _name, _fn in (("sts-sentences", sts_sentences), ("sick-triples", sick_triple_rows)):

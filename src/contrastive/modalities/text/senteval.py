@@ -84,7 +84,7 @@ def probe_task(
 ) -> dict[str, Any]:
     """Score one task's frozen features with the weighted kNN and/or the linear probe.
 
-    ``features`` and ``labels`` are keyed by split as :func:`contrastive.modalities.text.readers.read_senteval` gives them:
+    ``features`` and ``labels`` are keyed by split as :func:`readers.read_senteval` gives them:
     ``features[split] [n, D]``, ``labels[split] int [n]`` with classes ``0..C-1``. With ``train`` and ``test``
     (TREC, SST-2, SST-5) the classifiers are fitted on train and scored once on test; a ``dev`` split, when
     present, is unused (the settings are fixed, not tuned on it). With only ``all`` (MR, CR, SUBJ, MPQA) the
