@@ -161,3 +161,35 @@ def test_a_folder_another_live_process_writes_into_is_refused_and_a_dead_ones_lo
         assert (folder / LOCK_NAME).read_text().split()[0] == str(os.getpid())
     assert f"held by process {int(dead.stdout)}, which is no longer running: taking it over" in caplog.text
     assert not (folder / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("method", ["simclr", "instdisc"])  # instdisc: a memory bank with a row per image
+def test_a_resume_on_changed_data_or_processes_is_refused_naming_what_changed(tmp_path, method):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+
+    def add(n, start):
+        for i in range(start, start + n):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+
+    add(40, 0)
+    tree = {"method": {"name": method}, "data": {"name": str(folder)}, "train": {"output": str(tmp_path / "run")}}
+    fixed = ["train.batch_size=8", "train.epochs=2", "train.max_steps=3", "train.progress=false", "train.device=cpu",
+             "eval.enabled=false"]
+    api.pretrain(resolve_config(tree=tree, overrides=fixed))
+    again = dict(tree, train={**tree["train"], "resume": str(tmp_path / "run")})
+    add(40, 40)  # the same folder, twice the images
+    with pytest.raises(CheckpointError, match=r"the training data's size was 40 and is 80; the steps of an epoch "
+                                              r"was 5 and is 10"):
+        api.pretrain(resolve_config(tree=again, overrides=fixed + ["train.max_steps=6"]))
+    for path in folder.glob("0[4-7]?.png"):
+        path.unlink()
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    ckpt["context"]["world_size"] = 2  # as a two-process run would have saved it
+    torch.save(ckpt, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"the number of processes was 2 and is 1"):
+        api.pretrain(resolve_config(tree=again, overrides=fixed + ["train.max_steps=6"]))

@@ -377,3 +377,18 @@ def test_small_cnn_widths_default_unchanged_and_narrower_student():
     assert sdim == 128 and small(torch.randn(2, 3, 32, 32)).shape == (2, 128)
     with pytest.raises(ConfigError, match="backbone.widths"):
         build_backbone({"name": "small_cnn", "widths": [16, 0]}, input_shape=(3, 32, 32))
+
+
+def test_fine_tuning_on_a_single_labelled_image_is_refused_before_batch_norm_fails(tmp_path):
+    from PIL import Image
+
+    from contrastive.config import DataConfig
+    from contrastive.errors import ConfigError
+    from contrastive.stages.finetune import finetune
+
+    (tmp_path / "one" / "cat").mkdir(parents=True)  # one class of 3 images: 1 held out, 1 kept by 1-per-class
+    for i in range(3):
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(tmp_path / "one" / "cat" / f"{i}.png")
+    with pytest.raises(ConfigError, match=r"--labels 1-per-class keeps 1 labelled image\(s\) .* at least 2"):
+        finetune(DataConfig(name=str(tmp_path / "one")), "1-per-class", tmp_path / "out",
+                 scratch={"name": "small_cnn"})

@@ -343,3 +343,17 @@ def test_time_estimate_after_the_first_steps(monkeypatch):
     assert text.startswith("32 images/s over steps 102-104: the run's 1,200 steps take about 40 min 00 s, "
                            "39 min 52 s from now")
     assert est.tick(105) is None  # once
+
+
+@pytest.mark.parametrize("method, batch, match", [
+    ("simclr", 1, r"train.batch_size=1: simclr needs at least 2 samples a step \(min_batch"),
+    ("invaspread", 1, r"invaspread needs at least 2 samples"),
+    ("supcon", 1, r"supcon needs at least 2 samples"),
+    ("byol", 1, r"leaves 1 sample\(s\) to each, and batch norm .* needs at least 2"),
+    ("simsiam", 1, r"batch norm .* needs at least 2")])
+def test_a_batch_too_small_to_learn_from_is_refused_naming_the_method_and_field(tmp_path, method, batch, match):
+    cfg = resolve_config(tree={"method": {"name": method}, "data": {"name": "digits"}},
+                         overrides=[f"train.batch_size={batch}", f"train.output={tmp_path}", "train.epochs=1",
+                                    "eval.enabled=false", "train.progress=false"])
+    with pytest.raises(ConfigError, match=match):
+        api.pretrain(cfg)

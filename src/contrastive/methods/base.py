@@ -148,6 +148,9 @@ class Method(nn.Module):
     # what to change when the collapse watch sees the embeddings collapse (training/collapse.py)
     collapse_advice: str = "lower optim.lr or lengthen optim.warmup_epochs"
     batch_multiple: int = 1  # a process's batch must be a multiple of this (MoCo: its batch-norm groups)
+    # the fewest samples a global batch needs for the loss to learn: 2 where the batch's other samples are the
+    # negatives (with one, the loss is constant and the run would "succeed" without learning)
+    min_batch: int = 1
 
     def forward(self, batch: Batch, *, step: StepInfo) -> StepOutput:  # pragma: no cover - abstract
         raise NotImplementedError

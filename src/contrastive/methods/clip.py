@@ -65,6 +65,8 @@ class _TextEmbedder(nn.Module):
 
 
 class CLIP(Method):
+    min_batch = 2  # each image's caption is told apart from the batch's other captions
+
     def __init__(self, backbone: nn.Module, image_dim: int, text: nn.Module, text_dim: int, cfg: CLIPConfig):
         super().__init__()
         if not 0 < cfg.temperature:

@@ -36,6 +36,8 @@ class InvaSpreadConfig:
 class InvaSpread(Method):
     """Backbone, fc to ``embedding_dim``, L2 normalisation; the two views of every image contrasted in-batch."""
 
+    min_batch = 2  # every other view of the batch is a negative
+
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: InvaSpreadConfig):
         super().__init__()
         if cfg.temperature <= 0:

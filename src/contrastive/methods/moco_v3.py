@@ -67,6 +67,8 @@ class MoCoV3(Method):
     from a run config finds it from the backbone.
     """
 
+    min_batch = 2  # the keys of the batch's other images are the negatives
+
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MoCoV3Config, *, vit: bool = False):
         super().__init__()
         if cfg.momentum_schedule not in SCHEDULES:

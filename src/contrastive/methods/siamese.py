@@ -51,6 +51,8 @@ class SiameseConfig:
 class Siamese(Method):
     """Backbone and a 2-layer head G_W; Hadsell's margin loss over every pair of the batch's views."""
 
+    min_batch = 2  # the loss compares pairs of the batch
+
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: SiameseConfig):
         super().__init__()
         if cfg.margin <= 0:

@@ -42,6 +42,8 @@ class SimCLRV2Config(SimCLRConfig):
 class SimCLR(Method):
     """Backbone f, projection head g, and NT-Xent between the two views of every image."""
 
+    min_batch = 2  # the 2N - 2 other views of the batch are the negatives
+
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: SimCLRConfig):
         super().__init__()
         if cfg.projection_layers < 1:

@@ -74,6 +74,8 @@ class _WithHead(nn.Module):
 class SimCSE(Method):
     """Sentence encoder f (token ids -> [n, d]), the MLP, and SimCSE's InfoNCE."""
 
+    min_batch = 2  # the batch's other sentences are the negatives
+
     collapse_advice = ("lower optim.lr (SimCSE fine-tunes BERT at 3e-5) or raise method.temperature; check that the "
                        "encoder has dropout (method.crop/delete give views without it)")
 

@@ -47,6 +47,8 @@ class SupConConfig:
 class SupCon(Method):
     """Backbone, 2-layer MLP projection to ``projection_dim``, SupCon over every view of the batch."""
 
+    min_batch = 2  # every other view of the batch is a positive or a negative
+
     collapse_advice = "raise method.temperature or lower optim.lr"
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: SupConConfig):

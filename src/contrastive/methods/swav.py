@@ -68,6 +68,8 @@ class SwAV(Method):
     assigned crop, ``queue`` [crops_for_assign, queue_length, projection_dim], with ``queue_rows``, how many
     rows were ever written (full from ``queue_length`` on)."""
 
+    min_batch = 2  # the codes are an equal partition of the batch over the prototypes
+
     collapse_advice = ("lower method.epsilon or raise method.num_prototypes; freeze the prototypes longer "
                        "(method.freeze_prototypes_epochs); use the queue (method.queue_length) when the batch is "
                        "smaller than the number of prototypes")

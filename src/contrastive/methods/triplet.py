@@ -54,6 +54,8 @@ class TripletConfig:
 class Triplet(Method):
     """Backbone, 2-layer head to ``embedding_dim``, the triplet loss mined over every view of the batch."""
 
+    min_batch = 2  # a triplet needs another image of the batch
+
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: TripletConfig):
         super().__init__()
         if cfg.mining not in MINING:

@@ -156,6 +156,9 @@ def _finetune(data: DataConfig, labels: str, out: Path, *, checkpoint: str | Pat
         raise DataError(f"{data.name} has {train.channels}-channel images; the encoder was trained on "
                         f"{preprocess.channels}")
     subset = label_subsets.resolve(labels, train.labels, labels_seed, dataset=train.name)
+    if len(subset.indices) < 2:  # a batch of one: batch norm cannot normalise it
+        raise ConfigError(f"--labels {labels} keeps {len(subset.indices)} labelled image(s) of {train.name}; "
+                          f"fine-tuning batches need at least 2 (batch norm): choose a larger subset")
     epochs = cfg.epochs_for(subset.fraction)
 
     if checkpoint is None:

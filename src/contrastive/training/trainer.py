@@ -13,6 +13,7 @@ check and a time budget's agreement between processes).
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import math
 import time
@@ -33,7 +34,7 @@ from contrastive.data.datasets import PerItemViews
 from contrastive.device import cuda_settings, keep_on_device, peak_memory_mb, resolve_device, resolve_precision
 from contrastive.errors import CheckpointError, ConfigError, NonFiniteLossError
 from contrastive.methods import method_config
-from contrastive.methods.base import STREAM_GLOBAL, Batch, Method, StepInfo, StepOutput, step_seed
+from contrastive.methods.base import STREAM_GLOBAL, Batch, BuildContext, Method, StepInfo, StepOutput, step_seed
 from contrastive.modalities import modality_of
 from contrastive.nn.backbones import backbone_config
 from contrastive.optim.optimizers import build_optimizer, clip_gradients, set_step_values
@@ -111,6 +112,16 @@ class Trainer:
             raise ConfigError("data.skip_corrupt on a dataset decoded per item (data.in_memory=false) would give "
                               "the processes unequal batches; use data.in_memory=true, which drops unreadable "
                               "images once at load time, or fix the files")
+        if cfg.train.batch_size < method.min_batch:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size}: {cfg.method['name']} needs at least "
+                              f"{method.min_batch} samples a step (min_batch: its loss contrasts a sample with the "
+                              f"others of the batch, and with fewer it is constant); raise train.batch_size")
+        if cfg.train.batch_size // self.world < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                          for m in method.modules()):
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} over {self.world} process(es) leaves "
+                              f"{cfg.train.batch_size // self.world} sample(s) to each, and batch norm (in "
+                              f"{cfg.backbone['name']} or the method's head) needs at least 2 to normalise a batch; "
+                              f"raise train.batch_size")
         if cfg.train.batch_size > len(dataset):
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the dataset "
                               f"({len(dataset)} samples); lower train.batch_size")
@@ -192,6 +203,7 @@ class Trainer:
             "rng": rng_state(),
             "preprocess": asdict(self.modality.preprocess(self.cfg, self.dataset)),
             "context": asdict(self.context),
+            "data_fingerprint": data_fingerprint(self.dataset),
         }
 
     def resume(self, path: str | Path) -> None:
@@ -210,12 +222,34 @@ class Trainer:
             if a != b:
                 raise CheckpointError(f"cannot resume from {path}: {'.'.join(keys)} was {a!r} there and is "
                                       f"{b!r} now; resume with the checkpoint's config (its config.yaml)")
-        self.method.load_state_dict(ckpt["method"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._same_data(ckpt, path)
+        try:
+            self.method.load_state_dict(ckpt["method"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"cannot resume from {path}: its state does not fit this run's method and optimiser "
+                                  f"({str(e).splitlines()[0]})") from None
         self._load_scaler(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         self.epoch, self.step, self.epoch_batch = ckpt["epoch"], ckpt["step"], ckpt["epoch_batch"]
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
+
+    def _same_data(self, ckpt: dict, path: str | Path) -> None:
+        """A CheckpointError when the run would continue on other data or another number of processes than it
+        started with: the same folder with images added changes the steps of an epoch, the schedule, the batch
+        order and a memory bank's rows; another process count changes per-process batch norm."""
+        then = BuildContext.from_dict(ckpt["context"], self.context.modality)
+        changes = [f"{what} was {a} and is {b}" for what, a, b in (
+            ("the training data's size", then.dataset_size, self.context.dataset_size),
+            ("the number of processes", then.world_size, self.context.world_size),
+            ("the steps of an epoch", then.steps_per_epoch, self.context.steps_per_epoch))
+            if a != b]
+        saved = ckpt.get("data_fingerprint")
+        if not changes and saved is not None and saved != data_fingerprint(self.dataset):
+            changes.append("the training data's labels differ (its fingerprint)")
+        if changes:
+            raise CheckpointError(f"cannot resume from {path}: {'; '.join(changes)}. A run continues on the data "
+                                  f"and processes it started with; start a new run (another --output) for these")
 
     def _load_scaler(self, state: dict) -> None:
         """The fp16 loss scale from a checkpoint; a run resumed in another precision starts its own.
@@ -457,6 +491,13 @@ class Trainer:
             f"Lower optim.lr, set optim.grad_clip (for example 1.0), lengthen optim.warmup_epochs, "
             f"or use train.precision=fp32 if you trained in fp16; the last good checkpoint is in {self.output}"
         )
+
+
+def data_fingerprint(dataset) -> str:
+    """A cheap fingerprint of a training set: its size, sample shape and labels (not its samples)."""
+    h = hashlib.sha256(f"{len(dataset)}|{tuple(dataset.sample_shape)}".encode())
+    h.update(dataset.labels.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _resolved(cfg: Config) -> dict:
