@@ -267,3 +267,17 @@ def test_a_wav_folder_without_a_recipe_gets_the_methods_recipe_and_settings_from
     assert "mfcc_knn_top1" in res
     with pytest.raises(ConfigError, match="simclr does not train on it; methods for audio data: cpc-audio"):
         resolve_config(tree={"data": {"name": folder}}, overrides=["train.device=cpu"])
+
+
+def test_float_wavs_with_samples_that_are_not_finite_are_refused_and_loud_ones_named_once(tmp_path, caplog):
+    bad = np.zeros(100, dtype=np.float32)
+    bad[10] = np.nan
+    wavfile.write(tmp_path / "nan.wav", RATE, bad)
+    with pytest.raises(DataError, match=r"nan.wav holds samples that are not finite numbers"):
+        read_wav(tmp_path / "nan.wav")
+    (tmp_path / "loud").mkdir()
+    for i in range(3):
+        wavfile.write(tmp_path / "loud" / f"{i}.wav", RATE, np.full(100, 2.0 if i else 0.5, dtype=np.float32))
+    with caplog.at_level("WARNING", logger="contrastive.data"):
+        load_splits(DataConfig(name=str(tmp_path / "loud")), evaluate=False)
+    assert caplog.text.count("outside [-1, 1]") == 1 and "2 clip(s)" in caplog.text

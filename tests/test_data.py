@@ -442,3 +442,43 @@ def test_a_crafted_dataset_pickle_is_refused_and_runs_nothing(tmp_path):
     with pytest.raises(DataError, match=r"mnist.pkl.gz .*names posix.system"):
         load_splits(data_cfg("mnist", data_dir=str(tmp_path), download=False))
     assert not marker.exists()  # refused before anything in them was called
+
+
+def test_16_bit_and_exif_rotated_images_decode_as_a_viewer_shows_them(tmp_path):
+    from PIL import Image
+
+    from contrastive.modalities.image.folder import decode_image
+
+    grey = np.full((8, 8), 32768, dtype=np.uint16)  # mid-grey in 16 bits: 128 in 8, not PIL's clipped 255
+    grey[:, :4] = 1024  # a dark left half: 4 in 8 bits
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    got = decode_image(tmp_path / "deep.png", 8)
+    assert got[:, :, 4:].unique().tolist() == [128] and got[:, :, :4].unique().tolist() == [4]
+    # a 4 x 2 image, stored landscape, with EXIF orientation 6 (shown rotated 90 degrees clockwise: portrait)
+    pixels = np.repeat((np.arange(8).reshape(2, 4) * 30).astype(np.uint8)[..., None], 3, axis=2)  # all distinct
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "turned.png", exif=exif)
+    shown = decode_image(tmp_path / "turned.png", 2)  # portrait 2 x 4 -> shorter side 2, centre crop of 2 rows
+    upright = np.rot90(pixels, k=-1)  # 90 degrees clockwise: [4, 2]
+    assert shown.shape == (3, 2, 2)
+    assert torch.equal(shown, torch.from_numpy(upright[1:3].copy()).permute(2, 0, 1))
+    unturned = torch.from_numpy(pixels[:, 1:3].copy()).permute(2, 0, 1)  # what ignoring the EXIF tag gives
+    assert not torch.equal(shown, unturned)
+
+
+def test_images_of_one_flat_colour_are_refused_naming_the_cause(tmp_path):
+    from PIL import Image
+
+    from contrastive import api
+    from contrastive.configure import resolve_config
+
+    (tmp_path / "flat").mkdir()
+    for i in range(8):
+        Image.new("RGB", (16, 16), (100, 100, 100)).save(tmp_path / "flat" / f"{i}.png")
+    cfg = resolve_config(recipe={}, tree={"data": {"name": str(tmp_path / "flat")},
+                                          "train": {"output": str(tmp_path / "run"), "batch_size": 4, "epochs": 1},
+                                          "eval": {"enabled": False}})
+    with pytest.raises(DataError, match=r"channel 0 has one value in every pixel of every image \(std 0\)"):
+        api.pretrain(cfg)

@@ -170,3 +170,24 @@ def test_collate_tuples_share_one_length(tokenizer):
     assert torch.equal(batch["attention_mask"].view(6, -1), flat["attention_mask"])
     with pytest.raises(DataError, match="mixes"):
         TextCollate(tokenizer)([("a", "b"), ("c",)])
+
+
+def test_data_encoding_reads_a_text_file_and_a_captions_file_that_are_not_utf8(tmp_path):
+    from PIL import Image
+
+    from contrastive.config import DataConfig
+    from contrastive.modalities import load_splits
+
+    (tmp_path / "latin.txt").write_bytes("un café\nune crème\nle thé\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.txt, line 1: not valid utf-8 .*data.encoding=latin-1"):
+        load_splits(DataConfig(name=str(tmp_path / "latin.txt")))
+    rows = load_splits(DataConfig(name=str(tmp_path / "latin.txt"), encoding="latin-1")).pretrain.rows
+    assert rows == ["un café", "une crème", "le thé"]
+    (tmp_path / "cap").mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / "cap" / f"{i}.png")
+    (tmp_path / "cap" / "captions.txt").write_bytes("".join(f"{i}.png\tun café {i}\n" for i in range(4)).encode("latin-1"))
+    with pytest.raises(DataError, match=r"captions.txt, line 1: not valid UTF-8 .*data.encoding"):
+        load_splits(DataConfig(name=str(tmp_path / "cap"), holdout=0.25, num_workers=0))
+    splits = load_splits(DataConfig(name=str(tmp_path / "cap"), holdout=0.25, num_workers=0, encoding="latin-1"))
+    assert splits.eval_test.captions[0][0].startswith("un café")

@@ -266,3 +266,10 @@ def test_recall_chance_is_the_hypergeometric_miss():
     assert c["image_to_text@2"] == pytest.approx(1 - 15 / 28)
     assert c["text_to_image@2"] == pytest.approx(0.5)
     assert recall_chance(1000, 5000, 5, 1)["image_to_text@1"] == pytest.approx(5 / 5000)
+
+
+def test_recall_chance_on_fewer_texts_than_k_is_certainty_not_a_division_by_zero():
+    # 3 held-out images with 2 captions each, 6 texts: any 5 of them hold one of an image's 2, and 10 > 6 texts
+    assert recall_chance(3, 6, 2.0, 5)["image_to_text@5"] == 1.0
+    assert recall_chance(3, 6, 2.0, 10) == {"image_to_text@10": 1.0, "text_to_image@10": 1.0}
+    assert recall_chance(3, 6, 2.0, 1)["image_to_text@1"] == pytest.approx(2 / 6)  # still the hypergeometric miss

@@ -172,3 +172,10 @@ def test_a_caption_folder_without_a_recipe_takes_clips_own_with_the_batch_fitted
     assert cfg.train.batch_size == 4 and "over 22 images" in cfg.auto["train.batch_size"]
     with pytest.raises(ConfigError, match="simclr does not train on it; methods for image-text data: clip"):
         resolve_config(tree={"data": {"name": str(folder)}}, overrides=["train.device=cpu"])
+
+
+def test_a_text_evaluation_that_cannot_run_stops_the_run_before_its_first_step(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="the STS and SentEval sets are not in"):
+        api.pretrain(_text_cfg(tmp_path, "run", f"data.data_dir={tmp_path / 'empty'}"))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()  # stopped before training, not after it

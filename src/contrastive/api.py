@@ -100,6 +100,8 @@ def _train_and_evaluate(cfg: Config, out: Path) -> dict[str, Any]:
                         f"--train-data and --test-data with labelled folders, or --no-eval")
     if cfg.eval.enabled is None and not evaluate:
         log.warning("no evaluation after pretraining: %s", splits.note)
+    if evaluate:
+        modality.check_evaluation(cfg)  # what the evaluation reads is there before hours of training
     ctx = modality.context(cfg, train_set, distributed.world_size())
     method = build_method(cfg, ctx)
     if distributed.is_main():

@@ -54,6 +54,8 @@ class DataConfig:
     skip_corrupt: bool = _f(False, "Skip unreadable images and count them in the log, rather than stop "
                             "with an error naming the file.")
     download: bool = _f(True, "Download a named dataset through torchvision when it is not found locally.")
+    encoding: str | None = _f(None, "Text encoding of text data and captions files (for example latin-1); None: "
+                              "UTF-8, and a file that is not valid UTF-8 is an error naming its line.")
     num_workers: int = _f(2, "DataLoader worker processes; the loader only decodes, augmentation runs "
                           "batched on the training device.")
     label: str | None = _f(None, "Which labelling of the data the evaluation (kNN, linear probe) uses, for data "

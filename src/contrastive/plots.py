@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from contrastive.errors import DataError
+from contrastive.files import atomic_write
 
 # Ten distinguishable colours (matplotlib's tab10), then tab20's for up to 20 classes.
 _MAX_CLASS_COLOURS = 20
@@ -29,10 +30,8 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    """The figure as a PNG at ``path``, written whole (``files.atomic_write``)."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def read_metrics(path: str | Path) -> dict[str, np.ndarray]:

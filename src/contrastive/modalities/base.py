@@ -251,6 +251,10 @@ class Modality:
 
     # -------------------------------------------------------------- evaluation
 
+    def check_evaluation(self, cfg: Config) -> None:
+        """Before the first step: a ContrastiveError when what the evaluation after training reads is missing (so
+        it is not found out after hours of training)."""
+
     def can_evaluate(self, splits: Splits, cfg: Config) -> bool:
         """Whether :meth:`evaluate` has something to evaluate on (by default a labelled test side)."""
         return splits.eval_test is not None

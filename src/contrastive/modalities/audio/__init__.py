@@ -174,6 +174,9 @@ class AudioModality(Modality):
             raise ConfigError(f"the method's view groups are crops of images; audio views are windows of a clip "
                               f"(modalities.audio.window, views.n_views): train a method for audio "
                               f"({', '.join(methods_for(self.name))}) on audio")
+        if not dataset.std[0] > 0:
+            raise DataError(f"{dataset.name}: every sample of every clip has the same value (std 0: silence), so the "
+                            f"windows cannot be normalised and nothing tells the clips apart; check the data")
         s = self.settings(cfg)
         return AudioViews(cfg.views.n_views, s.window, s.gain_db, dataset.mean, dataset.std)
 

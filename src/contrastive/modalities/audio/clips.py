@@ -66,6 +66,9 @@ def read_wav(source: str | Path | io.BytesIO, name: str | None = None) -> tuple[
         samples = samples.mean(axis=1)
     if samples.size == 0:
         raise DataError(f"WAV file {name} holds no samples; remove it, or pass data.skip_corrupt=true to skip it")
+    if not np.isfinite(samples).all():  # NaN is the padding of a clip here; inf would make every loss NaN
+        raise DataError(f"WAV file {name} holds samples that are not finite numbers (NaN or inf); fix or remove it, or "
+                        f"pass data.skip_corrupt=true to skip it")
     return int(rate), np.ascontiguousarray(samples)
 
 
@@ -140,8 +143,9 @@ class AudioClips(SampleDataset):
 def _read_all(named: Iterable[tuple[str, object]], where: str,
               skip_corrupt: bool) -> tuple[list[int], list[np.ndarray], int]:
     """(positions read, clips, sample rate) of ``(name, path or file)`` pairs; every clip must share one rate."""
-    kept, clips, rates, bad = [], [], {}, []
+    kept, clips, rates, bad, named_list = [], [], {}, [], []
     for i, (name, source) in enumerate(named):
+        named_list.append(name)
         try:
             rate, samples = read_wav(source, name)
         except DataError as e:
@@ -154,6 +158,10 @@ def _read_all(named: Iterable[tuple[str, object]], where: str,
         clips.append(samples)
     if bad:
         log.warning("skipped %d unreadable WAV file(s) in %s: %s", len(bad), where, bad[0])
+    loud = [named_list[i] for i, c in zip(kept, clips) if c.size and float(np.abs(c).max()) > 1.0]
+    if loud:
+        log.warning("%d clip(s) of %s have samples outside [-1, 1] (float WAV files past full scale, e.g. %s); they "
+                    "are read as they are", len(loud), where, loud[0])
     if not clips:
         raise DataError(f"no readable WAV files in {where}")
     if len(rates) > 1:

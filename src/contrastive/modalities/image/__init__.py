@@ -111,6 +111,11 @@ class ImageModality(Modality):
         return (dataset.channels, size, size)
 
     def views(self, cfg: Config, dataset: SampleDataset):
+        flat = [c for c, s in enumerate(dataset.std) if not s > 0]
+        if flat:  # dividing by it would make every view inf or NaN, and the loss NaN with the wrong advice
+            raise DataError(f"{dataset.name}: channel {flat[0]} has one value in every pixel of every image (std 0), "
+                            f"so the views cannot be normalised and nothing tells the images apart; check the data "
+                            f"(images of one flat colour?)")
         return make_views(cfg.views, dataset.mean, dataset.std, dataset.channels, dataset.image_size,
                           method_spec(cfg.method["name"]).view_groups)
 

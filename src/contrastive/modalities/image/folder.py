@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -40,12 +40,25 @@ def _unreadable(path: Path, reason: object) -> DataError:
                      f"to skip unreadable images")
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB, as a viewer shows it: turned by its EXIF orientation, and 16- or 32-bit
+    greyscale scaled to 8 bits by its type's range (PIL's own conversion clips such values to white)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        bits = 16 if img.mode.startswith("I;16") else 32
+        pixels = np.asarray(img, dtype=np.int64)
+        if bits == 32 and pixels.min() >= 0 and pixels.max() < 2**16:  # 16-bit PNGs PIL opens as 32-bit "I"
+            bits = 16
+        img = Image.fromarray((np.clip(pixels, 0, 2**bits - 1) >> (bits - 8)).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
 def decode_image(path: Path, size: int) -> Tensor:
-    """The image at ``path`` as RGB uint8 ``[3, size, size]``: shorter side resized to ``size`` (bilinear),
-    then centre-cropped. A DataError names the file when PIL cannot read it."""
+    """The image at ``path`` as RGB uint8 ``[3, size, size]`` (``to_rgb``): shorter side resized to ``size``
+    (bilinear), then centre-cropped. A DataError names the file when PIL cannot read it."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            img = to_rgb(img)
     except _PIL_ERRORS as e:
         raise _unreadable(path, e) from None
     w, h = img.size

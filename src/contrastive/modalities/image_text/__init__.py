@@ -88,7 +88,8 @@ def recall_chance(n_images: int, n_texts: int, captions_per_image: float, k: int
     """Recall@k of a random ranking: image -> text, the chance that k texts drawn without replacement hold one
     of an image's c captions, 1 - C(T - c, k) / C(T, k); text -> image, k / I."""
     c = round(captions_per_image)
-    miss = math.prod((n_texts - c - i) / (n_texts - i) for i in range(k))
+    # k texts drawn from fewer than k + c always hold one of the c (and the product below would divide by zero)
+    miss = 0.0 if k > n_texts - c else math.prod((n_texts - c - i) / (n_texts - i) for i in range(k))
     return {f"image_to_text@{k}": 1 - miss, f"text_to_image@{k}": min(k / n_images, 1.0)}
 
 
@@ -159,6 +160,13 @@ class ImageTextModality(ImageModality):
 
     def can_evaluate(self, splits: Splits, cfg: Config) -> bool:
         return splits.eval_test is not None or self.settings(cfg).zero_shot is not None
+
+    def check_evaluation(self, cfg: Config) -> None:
+        zero_shot = self.settings(cfg).zero_shot
+        if zero_shot is not None:  # the labelled images classified zero-shot: there, and of a kind this reads
+            from contrastive.modalities.splits import detect
+
+            detect(dataclasses.replace(cfg.data, name=zero_shot))
 
     @torch.no_grad()
     def evaluate(self, method: Method, preprocess: Any, splits: Splits | None, cfg: Config, *, note: str,

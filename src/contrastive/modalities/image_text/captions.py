@@ -112,14 +112,15 @@ class ImageCaptions(TensorImages):
 # captions files
 
 
-def _decode_text(data: bytes, where: str) -> list[str]:
-    """The lines of a UTF-8 file (a byte-order mark dropped), ending at \\n, \\r\\n or \\r."""
+def _decode_text(data: bytes, where: str, encoding: str | None = None) -> list[str]:
+    """The lines of a text file in ``encoding`` (None: UTF-8, a byte-order mark dropped), ending at \\n, \\r\\n or
+    \\r."""
     try:
-        text = data.decode("utf-8-sig")
+        text = data.decode(encoding or "utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
-        raise DataError(f"{where}, line {line}: not valid UTF-8 ({e.reason} at byte {e.start}); save the captions "
-                        f"file as UTF-8") from None
+        raise DataError(f"{where}, line {line}: not valid {encoding or 'UTF-8'} ({e.reason} at byte {e.start}); "
+                        f"give the file's encoding (data.encoding, for example data.encoding=latin-1)") from None
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     return lines[:-1] if lines and not lines[-1] else lines
 
@@ -183,7 +184,7 @@ def _add(out: dict[str, list[str]], name: str, caption: str, where: str, line: i
     out[name].append(caption)
 
 
-def read_captions(path: str | Path) -> dict[str, list[str]]:
+def read_captions(path: str | Path, encoding: str | None = None) -> dict[str, list[str]]:
     """Image file name -> its captions in file order, from a Flickr8k token file (``name#n<TAB>caption``), a
     plain TSV file (``name<TAB>caption``, an ``image<TAB>caption`` header allowed) or a CSV file with the
     header ``image,caption`` (Kaggle's Flickr8k ``captions.txt``; captions quoted as Excel writes them), told
@@ -192,7 +193,7 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such captions file")
-    return _parse_captions(_decode_text(path.read_bytes(), str(path)), str(path))
+    return _parse_captions(_decode_text(path.read_bytes(), str(path), encoding), str(path))
 
 
 def caption_file(folder: str | Path) -> Path | None:
@@ -234,7 +235,7 @@ def open_caption_folder(root: Path, cfg: DataConfig) -> ImageCaptions:
     if source is None:
         raise DataError(f"{root}: no captions file ({', '.join(CAPTION_FILES)}); put the captions beside the "
                         f"images in one of those files")
-    captions = read_captions(source)
+    captions = read_captions(source, cfg.encoding)
     on_disk = list_images(root, recursive=True).files
     by_path = {p.relative_to(root).as_posix(): p for p in on_disk}
     by_name: dict[str, list[Path]] = defaultdict(list)

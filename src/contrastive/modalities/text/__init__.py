@@ -131,12 +131,13 @@ class TextModality(Modality):
         return is_text_file(path)
 
     def open(self, path: Path, cfg: DataConfig, classes: list[str] | None) -> Splits:
-        return open_text_file(path)
+        return open_text_file(path, cfg.encoding)
 
     def probe(self, cfg: DataConfig, *, evaluate: bool = True) -> DataShape:
         """The rows and their width (sentences, pairs, triples), read whole: text is small beside its encoder."""
         named = cfg.name in self.datasets()
-        rows = (lookup("datasets", cfg.name)(cfg) if named else open_text_file(Path(cfg.name).expanduser())).pretrain
+        rows = (lookup("datasets", cfg.name)(cfg) if named else
+                open_text_file(Path(cfg.name).expanduser(), cfg.encoding)).pretrain
         return DataShape(len(rows), 0, rows.width, f"{cfg.name}: {len(rows):,} rows of {rows.width} sentence(s)")
 
     # -------------------------------------------------------------- training
@@ -197,6 +198,11 @@ class TextModality(Modality):
     def can_evaluate(self, splits: Splits, cfg: Config) -> bool:
         s = self.settings(cfg)
         return bool(s.sts or s.senteval)
+
+    def check_evaluation(self, cfg: Config) -> None:
+        s = self.settings(cfg)
+        if s.sts or s.senteval:
+            text_root(cfg.data)  # the shared STS and SentEval sets, or a DataError saying where they were looked for
 
     def evaluate_encoder(self, encoder: nn.Module, preprocess: TextPreprocess, splits: Splits | None, cfg: Config, *,
                          note: str, device: torch.device, protocols: tuple[str, ...] | None = None

@@ -74,7 +74,7 @@ def _read_lines(path: str | Path, encoding: str) -> list[str]:
     except UnicodeDecodeError as e:
         line = path.read_bytes()[:e.start].count(b"\n") + 1
         raise DataError(f"{path}, line {line}: not valid {encoding} ({e.reason} at byte {e.start}); give the "
-                        f"file's encoding (for example encoding='latin-1')") from None
+                        f"file's encoding (data.encoding, for example data.encoding=latin-1)") from None
     # only \n, \r\n and \r end a line: str.splitlines would also split at \x85, which rt-polarity.all has
     # inside a sentence (a cp1252 ellipsis read as latin-1)
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")

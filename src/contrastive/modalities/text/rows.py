@@ -200,15 +200,16 @@ def is_text_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in TEXT_SUFFIXES
 
 
-def read_text_rows(path: str | Path) -> list[str | tuple[str, ...]]:
+def read_text_rows(path: str | Path, encoding: str | None = None) -> list[str | tuple[str, ...]]:
     """A ``.txt`` file's sentences (one a line), or a ``.csv`` / ``.tsv`` file's rows of 1-3 sentences (every row
     of one width; SimCSE's header ``sent0,sent1[,hard_neg]`` skipped)."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
-        return read_sentences(path)
+        return read_sentences(path, encoding=encoding or "utf-8")
     if path.suffix.lower() not in TEXT_SUFFIXES:
         raise DataError(f"{path}: not a text file this package reads ({', '.join(TEXT_SUFFIXES)})")
-    reader = csv.reader(_read_lines(path, "utf-8"), delimiter="," if path.suffix.lower() == ".csv" else "\t")
+    delimiter = "," if path.suffix.lower() == ".csv" else "\t"
+    reader = csv.reader(_read_lines(path, encoding or "utf-8"), delimiter=delimiter)
     rows, width = [], None
     for row in reader:
         line = reader.line_num
@@ -227,8 +228,8 @@ def read_text_rows(path: str | Path) -> list[str | tuple[str, ...]]:
     return rows
 
 
-def open_text_file(path: Path) -> Splits:
-    rows = read_text_rows(path)
+def open_text_file(path: Path, encoding: str | None = None) -> Splits:
+    rows = read_text_rows(path, encoding)
     what = "sentences" if isinstance(rows[0], str) else f"rows of {len(rows[0])} sentences"
     return Splits(TextRows(rows, name=str(path)), None, None,
                   note=f"{path}: {len(rows):,} {what} (unlabeled); the text evaluation reads STS-B dev, SICK test "
