@@ -281,3 +281,17 @@ def test_float_wavs_with_samples_that_are_not_finite_are_refused_and_loud_ones_n
     with caplog.at_level("WARNING", logger="contrastive.data"):
         load_splits(DataConfig(name=str(tmp_path / "loud")), evaluate=False)
     assert caplog.text.count("outside [-1, 1]") == 1 and "2 clip(s)" in caplog.text
+
+
+def test_a_member_of_a_dataset_archive_past_the_cap_is_refused_unread(tmp_path, monkeypatch):
+    from contrastive.data import locate
+
+    write_fsdd(tmp_path / "fsdd" / "recordings", digits=(0,), speakers=("ann",), indices=range(6))
+    with tarfile.open(tmp_path / "fsdd-recordings.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "fsdd", arcname="recordings")
+    import shutil
+
+    shutil.rmtree(tmp_path / "fsdd")
+    monkeypatch.setattr(locate, "MEMBER_CAP", 1000)  # the recordings are 1.8-2.8 kB
+    with pytest.raises(DataError, match=r"fsdd-recordings.tar.gz: member recordings/.*0_ann_0.wav holds 1,844 bytes"):
+        load_splits(DataConfig(name="spoken-digits", data_dir=str(tmp_path)))

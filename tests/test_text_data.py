@@ -191,3 +191,33 @@ def test_data_encoding_reads_a_text_file_and_a_captions_file_that_are_not_utf8(t
         load_splits(DataConfig(name=str(tmp_path / "cap"), holdout=0.25, num_workers=0))
     splits = load_splits(DataConfig(name=str(tmp_path / "cap"), holdout=0.25, num_workers=0, encoding="latin-1"))
     assert splits.eval_test.captions[0][0].startswith("un café")
+
+
+def _tar_gz(path, files: dict):
+    import io
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_an_archive_is_unpacked_into_data_cache_dir_keyed_by_its_content_and_a_traversal_is_refused(tmp_path):
+    from contrastive.config import DataConfig
+    from contrastive.modalities.text.rows import TEXT_ARCHIVE, text_root
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _tar_gz(data / TEXT_ARCHIVE, {"text/stsb/a.txt": b"first"})
+    cfg = DataConfig(data_dir=str(data), cache_dir=str(tmp_path / "cache"))
+    first = text_root(cfg)
+    assert first.parent.parent == tmp_path / "cache" and (first / "stsb" / "a.txt").read_bytes() == b"first"
+    _tar_gz(data / TEXT_ARCHIVE, {"text/stsb/a.txt": b"other"})  # same name and size, other content
+    second = text_root(cfg)
+    assert second != first and (second / "stsb" / "a.txt").read_bytes() == b"other"
+    _tar_gz(data / TEXT_ARCHIVE, {"text/stsb/a.txt": b"x", "../../escape.txt": b"out"})
+    with pytest.raises(DataError, match=rf"{TEXT_ARCHIVE}: member '../../escape.txt' was not unpacked"):
+        text_root(cfg)
+    assert not (tmp_path / "escape.txt").exists() and not list((tmp_path / "cache").glob(".*.tmp"))

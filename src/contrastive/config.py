@@ -37,6 +37,8 @@ class DataConfig:
                    "with a captions file, a text file. The kind of data it holds decides the rest (modalities/).")
     data_dir: str | None = _f(None, "Where a named dataset's files live (or are downloaded to); None uses the "
                               "dataset's usual place (see the dataset's docs).")
+    cache_dir: str | None = _f(None, "Where a dataset's archive is unpacked (once, keyed by its content); None: "
+                               "~/.cache/contrastive/data.")
     train_data: str | None = _f(None, "Labelled data for the evaluation's training side (kNN bank, probe "
                                 "training); None uses the pretraining dataset's own train split.")
     test_data: str | None = _f(None, "Labelled data to evaluate on; None uses the dataset's test split, a "

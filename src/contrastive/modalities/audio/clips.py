@@ -18,7 +18,6 @@ import io
 import logging
 import os
 import re
-import tarfile
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from contrastive.config import DataConfig
 from contrastive.data.datasets import SampleDataset, Splits
-from contrastive.data.locate import data_root
+from contrastive.data.locate import data_root, members
 from contrastive.errors import ConfigError, DataError
 from contrastive.modalities.base import register_dataset
 from contrastive.modalities.image.folder import IMAGE_EXTENSIONS
@@ -276,9 +275,7 @@ def _fsdd_recordings(cfg: DataConfig) -> tuple[list[tuple[str, object]], str]:
     if folder.is_dir():
         return [(p.name, p) for p in sorted(folder.glob("*.wav"))], str(folder)
     if archive.is_file():
-        with tarfile.open(archive, "r|gz") as tar:  # one pass in stream order: a gzip stream cannot seek back
-            files = [(Path(m.name).name, io.BytesIO(tar.extractfile(m).read())) for m in tar
-                     if m.isfile() and m.name.endswith(".wav")]
+        files = [(Path(name).name, io.BytesIO(data)) for name, data in members(archive, (".wav",))]
         return sorted(files, key=lambda f: f[0]), str(archive)
     raise DataError(f"spoken-digits: neither {archive} nor {folder}/ exists. The Free Spoken Digit Dataset is not "
                     f"downloaded by this package: put its recordings (github.com/Jakobovski/free-spoken-digit-dataset, "

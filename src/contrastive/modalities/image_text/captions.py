@@ -20,7 +20,6 @@ import csv
 import io
 import logging
 import re
-import tarfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from contrastive.config import DataConfig
 from contrastive.data.datasets import Splits
-from contrastive.data.locate import data_root
+from contrastive.data.locate import data_root, members
 from contrastive.errors import ConfigError, DataError
 from contrastive.modalities.base import register_dataset
 from contrastive.modalities.image.datasets import TensorImages
@@ -297,16 +296,14 @@ def _flickr8k_files(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, li
         where = str(folder)
     elif archive.is_file():
         lines, images = {}, {}
-        with tarfile.open(archive, "r|gz") as tar:  # one pass in stream order: a gzip stream cannot seek back
-            for m in tar:
-                name = Path(m.name).name
-                if not m.isfile() or name.startswith("."):
-                    continue
-                if name.lower().endswith((".jpg", ".jpeg")):
-                    images[name] = _Member(tar.extractfile(m).read(), f"{archive}/{m.name}")
-                elif name in texts:
-                    member = f"{archive}/{m.name}"
-                    lines[name] = (_decode_text(tar.extractfile(m).read(), member), member)
+        for path, data in members(archive, (".jpg", ".jpeg", ".JPG", ".JPEG", *texts)):
+            name = Path(path).name
+            if name.startswith("."):
+                continue
+            if name.lower().endswith((".jpg", ".jpeg")):
+                images[name] = _Member(data, f"{archive}/{path}")
+            elif name in texts:
+                lines[name] = (_decode_text(data, f"{archive}/{path}"), f"{archive}/{path}")
         absent = [n for n in texts if n not in lines]
         if absent:
             raise DataError(f"flickr8k: {archive} holds no {', '.join(absent)}; it is not the flickr8k-128 archive "

@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import csv
 import logging
-import tarfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from contrastive import distributed
 from contrastive.config import DataConfig
 from contrastive.data.datasets import SampleDataset, Splits
-from contrastive.data.locate import DEFAULT_ROOT, data_root
+from contrastive.data.locate import data_root, unpacked
 from contrastive.errors import DataError
 from contrastive.modalities.base import register_dataset
 from contrastive.modalities.text.readers import _read_lines, read_sentences, read_sick, read_stsb, sick_triples
@@ -139,7 +137,7 @@ def tokenize(rows: Sequence[str | tuple[str, ...]], tokenizer: Any, max_tokens: 
 
 def text_root(cfg: DataConfig) -> Path:
     """The unpacked ``text/`` folder of the shared STS and SentEval sets: ``data.data_dir``'s ``text/``, or its
-    ``text-sts-senteval.tar.gz`` unpacked once into the cache folder (``~/.cache/contrastive/data``)."""
+    ``text-sts-senteval.tar.gz`` unpacked once into ``data.cache_dir`` (``data.locate.unpacked``)."""
     root = data_root(cfg)
     folder, archive = root / TEXT_FOLDER, root / TEXT_ARCHIVE
     if (folder / "stsb").is_dir():
@@ -148,14 +146,7 @@ def text_root(cfg: DataConfig) -> Path:
         raise DataError(f"the STS and SentEval sets are not in {root}: neither {folder}/ nor {archive} exists; pass "
                         f"data.data_dir=<the folder holding {TEXT_ARCHIVE} or its unpacked text/>, or turn the "
                         f"text evaluation off (modalities.text.sts=[] modalities.text.senteval=[])")
-    cache = Path(DEFAULT_ROOT).expanduser() / "text-sts-senteval"
-    done = cache / ".unpacked"
-    with distributed.main_first():
-        if not done.is_file() or done.read_text() != str(archive.stat().st_size):
-            cache.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(archive, "r:gz") as tar:
-                tar.extractall(cache, filter="data")
-            done.write_text(str(archive.stat().st_size))
+    cache = unpacked(archive, cfg, "text-sts-senteval")
     if not (cache / TEXT_FOLDER / "stsb").is_dir():
         raise DataError(f"{archive} did not unpack to {TEXT_FOLDER}/stsb/ in {cache}; is it the shared "
                         f"{TEXT_ARCHIVE}?")
