@@ -133,6 +133,59 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_pat
         api.pretrain(_digits(tmp_path / "file"))
 
 
+def test_an_output_inside_a_data_folder_is_refused_before_anything_is_written(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((8, 8, 3), 30 * i, dtype=np.uint8)).save(images / f"{i}.png")
+    before = sorted(p.name for p in images.iterdir())
+    tree = {"data": {"name": str(images)}, "train": {"output": str(images / "run")}}
+    with pytest.raises(ConfigError, match=rf"--output {images / 'run'} is inside {images.resolve()}, a data folder "
+                                          r"this run reads; the run's files \(curves.png\) would become data"):
+        api.pretrain(resolve_config(tree=tree, overrides=QUICK_RUN))
+    assert sorted(p.name for p in images.iterdir()) == before  # no folder, no lock, no config.yaml
+    with pytest.raises(ConfigError, match=r"is inside .*images, a data folder this run reads"):
+        finetune(DataConfig(name="digits", test_data=str(images)), "10%", images, checkpoint=tmp_path / "none")
+    with claimed(tmp_path / "beside", data=DataConfig(name=str(images))):  # a folder beside the data is fine
+        pass
+
+
+def test_a_full_disk_is_named_and_leaves_the_earlier_file_whole(tmp_path, monkeypatch):
+    import errno
+    import shutil as sh
+    from collections import namedtuple
+
+    from contrastive import files
+    from contrastive.errors import OutOfSpaceError
+
+    target = tmp_path / "results.json"
+    target.write_text("the earlier run's")
+
+    def full(f):
+        f.write("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OutOfSpaceError, match=rf"no space left on the disk of {tmp_path} to write results.json; "
+                                              r"the earlier one is untouched"):
+        files.atomic_write(target, full, binary=False)
+    assert target.read_text() == "the earlier run's" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+    def torch_writer(f):  # torch.save's C++ writer on a full disk, before the close that would say ENOSPC
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10 << 30, 10 << 30, 4096))
+    with pytest.raises(OutOfSpaceError, match="no space left"):
+        files.atomic_write(tmp_path / "checkpoint.pt", torch_writer)
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10 << 30, 1 << 30, 9 << 30))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with room to spare, a bug is not called a full disk
+        files.atomic_write(tmp_path / "checkpoint.pt", torch_writer)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
 def test_a_run_without_an_output_gets_a_new_folder_and_latest_points_at_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     a = Path(api.pretrain(_digits())["checkpoint"]).parent

@@ -77,8 +77,9 @@ def _pretrain(cfg: Config) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output=str(out)))
     # a run continues in its own folder only; any other folder holding a run is refused unless train.overwrite
     continuing = cfg.train.resume is not None and Path(cfg.train.resume).parent.resolve() == out.resolve()
-    check_free(out, resume=continuing, overwrite=cfg.train.overwrite)  # every process, before any work
-    with claimed(out, resume=continuing, overwrite=cfg.train.overwrite) if distributed.is_main() else nullcontext():
+    check_free(out, resume=continuing, overwrite=cfg.train.overwrite, data=cfg.data)  # every process, at once
+    with (claimed(out, resume=continuing, overwrite=cfg.train.overwrite, data=cfg.data) if distributed.is_main()
+          else nullcontext()):
         if fresh and distributed.is_main():
             point_latest(out)
         return _train_and_evaluate(cfg, out)
@@ -187,7 +188,7 @@ def evaluate(checkpoint: str | Path, data: DataConfig, *, protocols: tuple[str, 
     pretrained on whole, the log and results.json say so. An ``output`` holding another run is refused unless
     ``overwrite`` (``runs.claimed``).
     """
-    with claimed(output, overwrite=overwrite) if output is not None else nullcontext():
+    with claimed(output, overwrite=overwrite, data=data) if output is not None else nullcontext():
         return _evaluate(checkpoint, data, protocols=protocols, overrides=overrides, output=output)
 
 

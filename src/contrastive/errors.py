@@ -21,5 +21,9 @@ class CheckpointError(ContrastiveError):
     """A checkpoint is missing, unreadable or does not match the run."""
 
 
+class OutOfSpaceError(ContrastiveError):
+    """A file could not be written whole because its disk is full (what was there before is untouched)."""
+
+
 class NonFiniteLossError(ContrastiveError):
     """Training produced a NaN or infinite loss."""

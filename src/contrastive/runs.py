@@ -27,7 +27,7 @@ import yaml
 from torch import nn
 
 from contrastive import distributed
-from contrastive.config import Config, config_from_tree, to_dict
+from contrastive.config import Config, DataConfig, config_from_tree, to_dict
 from contrastive.errors import CheckpointError, ConfigError
 from contrastive.files import atomic_write_text
 from contrastive.methods import build_method
@@ -163,17 +163,19 @@ def write_config(cfg: Config, path: str | Path) -> Path:
 
 
 @contextmanager
-def claimed(folder: str | Path, *, resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
+def claimed(folder: str | Path, *, resume: bool = False, overwrite: bool = False,
+            data: DataConfig | None = None) -> Iterator[Path]:
     """``folder`` held for one run while the block runs, for the process that writes the run's files.
 
     Refused with a ConfigError: a file in its place; a folder that holds another run (its ``PRODUCTS``) unless
     the run continues it (``resume``) or replaces it (``overwrite``: every run file, ``RUN_FILES``, is removed
-    first, and the log names them); a folder another live process holds (its lock file names the process). A lock
+    first, and the log names them); a folder inside one the run reads as ``data`` (its curves.png would become a
+    training image of the next run); a folder another live process holds (its lock file names the process). A lock
     whose process is gone is taken over with a warning, and temporary files a killed write left behind are
     removed.
     """
     folder = Path(folder)
-    check_free(folder, resume=resume, overwrite=overwrite)
+    check_free(folder, resume=resume, overwrite=overwrite, data=data)
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_NAME
     _take(lock)
@@ -193,15 +195,29 @@ def claimed(folder: str | Path, *, resume: bool = False, overwrite: bool = False
         lock.unlink(missing_ok=True)
 
 
-def check_free(folder: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
+def check_free(folder: str | Path, *, resume: bool = False, overwrite: bool = False,
+               data: DataConfig | None = None) -> None:
     """The refusals of :func:`claimed` that need no lock (every process of a distributed run can check them)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--output {folder} is a file; give a folder for the run's files")
+    where = folder.resolve()
+    for read in _folders_read(data):
+        if where == read or read in where.parents:
+            raise ConfigError(f"--output {folder} is inside {read}, a data folder this run reads; the run's files "
+                              f"(curves.png) would become data of the next run there. Give a folder outside it")
     held = [n for n in PRODUCTS if (folder / n).exists()]
     if held and not (resume or overwrite):
         raise ConfigError(f"--output {folder} holds a run already ({', '.join(held)}); give a new folder, or "
                           f"--overwrite to replace that run (--resume {folder} continues a pretraining run)")
+
+
+def _folders_read(data: DataConfig | None) -> list[Path]:
+    """The folders ``data`` reads as folders of samples (a file or a named dataset is not one)."""
+    if data is None:
+        return []
+    paths = (data.name, data.train_data, data.test_data)
+    return [Path(p).resolve() for p in paths if p and Path(p).is_dir()]
 
 
 def _take(lock: Path) -> None:

@@ -89,7 +89,7 @@ def distill(teacher: str | Path, student: dict, data: DataConfig, output: str | 
     (``top1`` the student's, ``teacher_top1``, ``margin`` = teacher - student). A folder holding another run is
     refused unless ``overwrite`` (``runs.claimed``).
     """
-    with claimed(output, overwrite=overwrite) as out:
+    with claimed(output, overwrite=overwrite, data=data) as out:
         return _distill(teacher, student, data, out, recipe=recipe, overrides=overrides, seed=seed, device=device)
 
 

@@ -115,7 +115,7 @@ def finetune(data: DataConfig, labels: str, output: str | Path, *, checkpoint: s
     """
     if (checkpoint is None) == (scratch is None):
         raise ConfigError("finetune needs a pretrained --checkpoint, or --scratch with --backbone, not both")
-    with claimed(output, overwrite=overwrite) as out:
+    with claimed(output, overwrite=overwrite, data=data) as out:
         return _finetune(data, labels, out, checkpoint=checkpoint, scratch=scratch, from_layer=from_layer,
                          recipe=recipe, overrides=overrides, seed=seed, labels_seed=labels_seed, device=device)
 
