@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from contrastive import autoconfig, machine
-from contrastive.config import DataConfig, read_yaml, to_dict
+from contrastive.config import DataConfig, to_dict
+from contrastive.trees import read_yaml
 from contrastive.configure import resolve_config
 from contrastive.modalities import image
 from contrastive.modalities.image import IMAGE

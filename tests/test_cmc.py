@@ -14,7 +14,6 @@ from PIL import Image
 from torch import nn
 
 from contrastive import api, distributed
-from contrastive.config import recipe_dir
 from contrastive.configure import resolve_config
 from contrastive.data.color import LAB_MEAN, LAB_STD, normalised_lab, rgb_to_lab
 from contrastive.errors import ConfigError
@@ -24,6 +23,7 @@ from contrastive.methods.base import Batch, BuildContext, StepInfo
 from contrastive.methods.cmc import CMC, CMCConfig
 from contrastive.modalities import modality_of
 from contrastive.training.checkpoint import load_checkpoint
+from contrastive.trees import recipe_dir
 
 # ------------------------------------------------------------------------------------------------ colour
 

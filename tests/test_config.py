@@ -1,6 +1,7 @@
 import pytest
 
-from contrastive.config import Config, find_recipe, parse_override, recipe_dir
+from contrastive.config import Config
+from contrastive.trees import find_recipe, parse_override, recipe_dir
 from contrastive.configure import apply_overrides, resolve_config
 from contrastive.errors import ConfigError
 from contrastive.methods import method_config

@@ -9,7 +9,7 @@ import torch
 from scipy.io import wavfile
 
 from contrastive import api
-from contrastive.config import DataConfig, recipe_dir
+from contrastive.config import DataConfig
 from contrastive.configure import resolve_config
 from contrastive.errors import ConfigError
 from contrastive.methods.base import Batch, StepInfo
@@ -17,6 +17,7 @@ from contrastive.methods.cpc_audio import CPCAudio, CPCAudioConfig
 from contrastive.modalities import modality_of
 from contrastive.nn.audio import AudioConv
 from contrastive.training.checkpoint import load_checkpoint
+from contrastive.trees import recipe_dir
 
 RECIPE = recipe_dir() / "cpc-audio-spoken-digits.yaml"
 INFO = StepInfo(step=0, epoch=0, total_steps=4)

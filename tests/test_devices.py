@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from contrastive import api, distributed, losses
-from contrastive.config import ViewConfig, recipe_dir
+from contrastive.config import ViewConfig
 from contrastive.configure import resolve_config
 from contrastive.data import augment
 from contrastive.device import keep_on_device, resolve_device, resolve_precision
@@ -38,6 +38,7 @@ from contrastive.registry import lookup, names, register
 from contrastive.training import trainer as trainer_module
 from contrastive.training.checkpoint import load_checkpoint
 from contrastive.training.trainer import Trainer
+from contrastive.trees import recipe_dir
 
 aten = torch.ops.aten
 

@@ -313,8 +313,8 @@ def test_bad_config_names_the_field(field, value, match):
 
 
 def test_recipes_are_the_papers():
-    from contrastive.config import recipe_dir
     from contrastive.methods import method_config
+    from contrastive.trees import recipe_dir
 
     vit = resolve_config(recipe=recipe_dir() / "dino.yaml")
     m = method_config(vit)

@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 
 from contrastive import api
-from contrastive.config import Config, recipe_dir
+from contrastive.config import Config
 from contrastive.configure import resolve_config
 from contrastive.data.labels import choose
 from contrastive.errors import ConfigError
@@ -24,6 +24,7 @@ from contrastive.modalities.image.preprocess import Preprocess
 from contrastive.nn.backbones import build_backbone
 from contrastive.nn.shuffle_bn import SplitBatchNorm
 from contrastive.stages.classifier import Classifier, backbone_source, save_classifier
+from contrastive.trees import recipe_dir
 
 PRE = Preprocess(3, 16, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
 

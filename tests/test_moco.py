@@ -211,7 +211,7 @@ def test_two_processes_equal_one_with_shuffled_batch_norm(tmp_path):
 
 
 def test_recipes_are_the_papers():
-    from contrastive.config import recipe_dir
+    from contrastive.trees import recipe_dir
 
     v1 = method_config(resolve_config(recipe=recipe_dir() / "moco-v1.yaml"))
     assert (v1.queue_size, v1.momentum, v1.temperature, v1.head) == (65536, 0.999, 0.07, "linear")

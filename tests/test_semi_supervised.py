@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from contrastive import api
-from contrastive.config import Config, OptimConfig, recipe_dir
+from contrastive.config import Config, OptimConfig
 from contrastive.configure import resolve_config
 from contrastive.data.labels import choose, labels_sha256, parse_spec, read_labels, resolve, write_labels
 from contrastive.errors import ConfigError, DataError, NonFiniteLossError
@@ -33,6 +33,7 @@ from contrastive.stages.classifier import (
 from contrastive.stages.distill import DistillConfig, labelled_batch, labelled_share
 from contrastive.stages.finetune import FinetuneConfig
 from contrastive.stages.supervised import DeviceRows, crop_flip_views, epoch_batches, train_loop
+from contrastive.trees import recipe_dir
 
 
 def _labels(counts):

@@ -300,8 +300,8 @@ def test_two_processes_equal_one_codes_loss_and_queue(tmp_path):
 
 
 def test_recipes():
-    from contrastive.config import recipe_dir
     from contrastive.methods import method_config
+    from contrastive.trees import recipe_dir
 
     imagenet = resolve_config(recipe=recipe_dir() / "swav.yaml")
     m = method_config(imagenet)

@@ -22,7 +22,8 @@ import os
 import torch
 
 from contrastive import machine
-from contrastive.config import Config, DataConfig, TrainConfig, build_dataclass, check_fields, deep_merge
+from contrastive.config import Config, DataConfig, TrainConfig, build_dataclass, check_fields
+from contrastive.trees import deep_merge
 from contrastive.device import resolve_precision
 from contrastive.errors import ConfigError
 from contrastive.machine import describe, gib

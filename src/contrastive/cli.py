@@ -219,8 +219,8 @@ def _embedding_map(res: dict, png: str) -> Path:
 
 def _split_backbone(overrides: list[str], name: str | None) -> tuple[dict | None, list[str]]:
     """backbone.<field>=value overrides -> a backbone section (with ``name``); the rest stay stage overrides."""
-    from contrastive.config import parse_override
     from contrastive.errors import ConfigError
+    from contrastive.trees import parse_override
 
     section: dict = {} if name is None else {"name": name}
     rest = []

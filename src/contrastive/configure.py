@@ -12,23 +12,13 @@ import copy
 from pathlib import Path
 
 from contrastive.autoconfig import derive
-from contrastive.config import (
-    Config,
-    build_dataclass,
-    check_fields,
-    deep_merge,
-    find_recipe,
-    parse_override,
-    read_yaml,
-    set_path,
-    to_dict,
-    upgrade_tree,
-)
+from contrastive.config import Config, build_dataclass, check_fields, to_dict, upgrade_tree
 from contrastive.errors import ConfigError
 from contrastive.methods import method_config
 from contrastive.modalities import modality_named
 from contrastive.nn.backbones import backbone_config
 from contrastive.registry import names
+from contrastive.trees import deep_merge, find_recipe, parse_override, read_yaml, set_path
 
 
 def resolve_config(

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from contrastive.config import Config, DataConfig, TrainConfig, build_dataclass, read_yaml, recipe_dir
+from contrastive.config import Config, DataConfig, TrainConfig, build_dataclass
 from contrastive.data.datasets import SampleDataset, Splits, is_labelled
 from contrastive.errors import ConfigError, DataError
 from contrastive.evaluation import evaluate_frozen, extract_features, save_embeddings
@@ -25,6 +25,7 @@ from contrastive.methods import method_spec
 from contrastive.methods.base import BuildContext, Method
 from contrastive.nn.backbones import backbone_spec
 from contrastive.registry import lookup, names, register
+from contrastive.trees import read_yaml, recipe_dir
 
 log = logging.getLogger("contrastive.data")
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from contrastive.config import Config, build_dataclass, config_from_tree, read_yaml, recipe_dir, to_dict
+from contrastive.config import Config, build_dataclass, config_from_tree, to_dict
 from contrastive.errors import CheckpointError, ConfigError
 from contrastive.methods.base import BuildContext, Method
 from contrastive.modalities import modalities  # noqa: F401  (fills the dataset registry)
@@ -24,6 +24,7 @@ from contrastive.nn.backbones import build_backbone
 from contrastive.registry import names
 from contrastive.runs import filled, rebuild_method
 from contrastive.training.checkpoint import atomic_save, read_file
+from contrastive.trees import read_yaml, recipe_dir
 
 CLASSIFIER_FORMAT = "contrastive-classifier/1"
 
@@ -206,7 +207,7 @@ def stage_recipe(dataset: str, recipe: str | Path | None) -> tuple[dict, Path]:
 def stage_config(cls: type, tree: dict, section: str, overrides: list[str], *, base: str | None = None) -> Any:
     """``cls`` from a recipe's ``section`` (laid over its ``base`` section when given) and ``key=value``
     overrides relative to that section (``epochs=5``, ``optim.lr=0.1``)."""
-    from contrastive.config import parse_override
+    from contrastive.trees import parse_override
 
     unknown = set(tree) - {"finetune", "scratch", "distill"}
     if unknown:

@@ -12,10 +12,7 @@ check and a time budget's agreement between processes).
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import logging
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -28,15 +25,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from contrastive import distributed
-from contrastive.config import Config, config_from_tree, to_dict
+from contrastive.config import Config, to_dict
 from contrastive.data import collate_skip_corrupt
 from contrastive.data.datasets import PerItemViews
 from contrastive.device import cuda_settings, keep_on_device, peak_memory_mb, resolve_device, resolve_precision
 from contrastive.errors import CheckpointError, ConfigError, NonFiniteLossError
-from contrastive.methods import method_config
-from contrastive.methods.base import STREAM_GLOBAL, Batch, BuildContext, Method, StepInfo, StepOutput, step_seed
+from contrastive.methods.base import STREAM_GLOBAL, Batch, Method, StepInfo, StepOutput, step_seed
 from contrastive.modalities import modality_of
-from contrastive.nn.backbones import backbone_config
 from contrastive.optim.optimizers import build_optimizer, clip_gradients, set_step_values
 from contrastive.optim.schedules import lr_at, scaled_lr, weight_decay_at
 from contrastive.training.budget import TimeEstimate, check_step_fits, measure_step
@@ -49,15 +44,12 @@ from contrastive.training.checkpoint import (
     to_cpu,
 )
 from contrastive.training.collapse import collapse_stats, collapsed
+from contrastive.training.metrics import MetricLogger, progress_bar
+from contrastive.training.resume import check_resumable, data_fingerprint
 
 log = logging.getLogger("contrastive.train")
 
 CHECKPOINT_NAME = "checkpoint.pt"
-# checkpoint fields that must match for a resume to continue the same run
-_RESUME_KEYS = [("method",), ("backbone",), ("data",), ("views",), ("optim",), ("seed",),
-                ("train", "batch_size"), ("train", "epochs")]
-# data fields that say where or how fast to read, not what: they may change between a run and its resume
-_DATA_OPERATIONAL = {"data_dir", "download", "num_workers"}
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int,
@@ -208,21 +200,7 @@ class Trainer:
 
     def resume(self, path: str | Path) -> None:
         ckpt = load_checkpoint(path)
-        now = _resolved(self.cfg)
-        try:
-            then = _resolved(config_from_tree(ckpt["config"]))
-        except ConfigError as e:
-            raise CheckpointError(f"cannot resume from {path}: its config no longer validates ({e})") from None
-        for keys in _RESUME_KEYS:
-            a, b = then, now
-            for k in keys:
-                a, b = a[k], b[k]
-            if keys == ("data",):
-                a, b = ({k: v for k, v in d.items() if k not in _DATA_OPERATIONAL} for d in (a, b))
-            if a != b:
-                raise CheckpointError(f"cannot resume from {path}: {'.'.join(keys)} was {a!r} there and is "
-                                      f"{b!r} now; resume with the checkpoint's config (its config.yaml)")
-        self._same_data(ckpt, path)
+        check_resumable(ckpt, self.cfg, self.context, self.dataset, path)
         try:
             self.method.load_state_dict(ckpt["method"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -233,23 +211,6 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         self.epoch, self.step, self.epoch_batch = ckpt["epoch"], ckpt["step"], ckpt["epoch_batch"]
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
-
-    def _same_data(self, ckpt: dict, path: str | Path) -> None:
-        """A CheckpointError when the run would continue on other data or another number of processes than it
-        started with: the same folder with images added changes the steps of an epoch, the schedule, the batch
-        order and a memory bank's rows; another process count changes per-process batch norm."""
-        then = BuildContext.from_dict(ckpt["context"], self.context.modality)
-        changes = [f"{what} was {a} and is {b}" for what, a, b in (
-            ("the training data's size", then.dataset_size, self.context.dataset_size),
-            ("the number of processes", then.world_size, self.context.world_size),
-            ("the steps of an epoch", then.steps_per_epoch, self.context.steps_per_epoch))
-            if a != b]
-        saved = ckpt.get("data_fingerprint")
-        if not changes and saved is not None and saved != data_fingerprint(self.dataset):
-            changes.append("the training data's labels differ (its fingerprint)")
-        if changes:
-            raise CheckpointError(f"cannot resume from {path}: {'; '.join(changes)}. A run continues on the data "
-                                  f"and processes it started with; start a new run (another --output) for these")
 
     def _load_scaler(self, state: dict) -> None:
         """The fp16 loss scale from a checkpoint; a run resumed in another precision starts its own.
@@ -341,13 +302,13 @@ class Trainer:
         self.output.mkdir(parents=True, exist_ok=True)
         if cfg.train.resume:
             self.resume(cfg.train.resume)
-        logger = (_MetricLogger(self.output, cfg.train.tensorboard, append=bool(cfg.train.resume))
+        logger = (MetricLogger(self.output, cfg.train.tensorboard, append=bool(cfg.train.resume))
                   if distributed.is_main() else None)
         start = time.perf_counter()
         images_seen = 0
         stopped = None
         last_log_t, last_log_images = start, 0
-        bar = _progress(cfg, self.step, self.total_steps)
+        bar = progress_bar(cfg, self.step, self.total_steps)
         warned_collapse = False
         try:
             # once: a method that keeps a frozen part in eval mode overrides train() to say so
@@ -493,22 +454,6 @@ class Trainer:
         )
 
 
-def data_fingerprint(dataset) -> str:
-    """A cheap fingerprint of a training set: its size, sample shape and labels (not its samples)."""
-    h = hashlib.sha256(f"{len(dataset)}|{tuple(dataset.sample_shape)}".encode())
-    h.update(dataset.labels.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _resolved(cfg: Config) -> dict:
-    """``cfg`` as a dict whose open sections list every field of their typed config, defaults included, so two
-    configs that differ only in spelling out a default compare equal."""
-    tree = to_dict(cfg)
-    tree["method"] = {"name": cfg.method["name"], **to_dict(method_config(cfg))}
-    tree["backbone"] = {"name": cfg.backbone["name"], **to_dict(backbone_config(cfg.backbone)[1])}
-    return tree
-
-
 def _ddp_options(options: dict) -> dict:
     """A method's DistributedDataParallel options for this torch: newer releases (2.14) name
     ``broadcast_buffers=False`` ``forward_sync_buffers=False``, which still syncs buffers once at
@@ -519,55 +464,3 @@ def _ddp_options(options: dict) -> dict:
     if "broadcast_buffers" in out and "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
         out["forward_sync_buffers"] = out.pop("broadcast_buffers")
     return out
-
-
-def _progress(cfg: Config, done: int, total: int):
-    """One bar over the run's optimiser steps (a resumed run starts where it stopped)."""
-    if not cfg.train.progress or not distributed.is_main():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, unit="step", dynamic_ncols=True)
-
-
-class _MetricLogger:
-    """metrics.csv (continued by a resume, started afresh otherwise) and, when available or asked for,
-    TensorBoard."""
-
-    def __init__(self, output: Path, tensorboard: bool | None, *, append: bool):
-        self.path = output / "metrics.csv"
-        if not append:
-            self.path.unlink(missing_ok=True)
-        self.file = None
-        self.writer = None
-        self.fields: list[str] | None = None
-        if tensorboard is not False:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                if tensorboard:
-                    raise ConfigError("train.tensorboard=true but tensorboard is not installed; "
-                                      "pip install tensorboard, or set train.tensorboard=false") from None
-            else:
-                self.writer = SummaryWriter(str(output / "tensorboard"))
-
-    def write(self, row: dict) -> None:
-        if self.file is None:
-            new = not self.path.exists()
-            self.file = open(self.path, "a", newline="")
-            self.fields = list(row)
-            self._csv = csv.DictWriter(self.file, fieldnames=self.fields)
-            if new:
-                self._csv.writeheader()
-        self._csv.writerow({k: row.get(k) for k in self.fields})
-        self.file.flush()
-        if self.writer is not None:
-            for k, v in row.items():
-                if k not in ("epoch", "step") and isinstance(v, float) and math.isfinite(v):
-                    self.writer.add_scalar(f"train/{k}", v, row["step"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.writer is not None:
-            self.writer.close()

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from contrastive.config import Config, DataConfig, deep_merge
+from contrastive.config import Config, DataConfig
 from contrastive.data.datasets import SampleDataset, Splits
 from contrastive.errors import ConfigError, DataError
 from contrastive.methods import method_spec
@@ -32,6 +32,7 @@ from contrastive.modalities.base import (
     register_modality,
     split_layout,
 )
+from contrastive.trees import deep_merge
 
 PAPER_WINDOW_S = 1.28  # "we train on sampled audio windows of length 20480" at 16 kHz (van den Oord et al. 2018)
 FRAME_S = 0.01  # CPC's encoder downsamples 16 kHz by 160: a latent every 10 ms

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from contrastive.config import Config, DataConfig, deep_merge
+from contrastive.config import Config, DataConfig
 from contrastive.data.datasets import SampleDataset, Splits
 from contrastive.errors import ConfigError, DataError
 from contrastive.evaluation import extract_features
@@ -34,6 +34,7 @@ from contrastive.modalities.image import named
 from contrastive.modalities.image.folder import IMAGE_EXTENSIONS, open_folder, scan_folder, survey_sizes
 from contrastive.modalities.image.preprocess import Preprocess
 from contrastive.modalities.image.views import global_size, make_views, view_groups, view_shapes
+from contrastive.trees import deep_merge
 
 SMALL_SIDE = 64  # CIFAR-scale recipes up to this side (the CIFAR stem's rule in nn/convnets.py)
 MIN_SIDE = 16  # smaller images are decoded up to it, so random crops keep some pixels (digits: 8 -> 16)
